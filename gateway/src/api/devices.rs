@@ -1,0 +1,324 @@
+//! `/v1/devices`: the registry (create, list, show, update, delete, token rotation) and sessions.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+
+use super::{cursor, parse_limit, ApiError, ApiState, JsonBody};
+use crate::device::listener::hash_token;
+use crate::hub::CloseOrder;
+use crate::store::devices::{DevicePatch, DeviceRow};
+use crate::store::StoreError;
+use crate::time::{format_ms, now_ms};
+
+/// Longest device name, in characters.
+const MAX_NAME_CHARS: usize = 256;
+
+/// Checks `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}`.
+pub fn valid_device_id(id: &str) -> bool {
+    let mut bytes = id.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphanumeric())
+        && id.len() <= 128
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+fn opt_time(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, |ms| Value::String(format_ms(ms)))
+}
+
+/// The device as the API shows it, with presence from the hub.
+fn device_json(state: &ApiState, row: &DeviceRow) -> Value {
+    let live = state.hub.get(&row.id);
+    let last_seen = match &live {
+        Some(h) => Some(h.last_seen().max(row.last_seen_at.unwrap_or(0))),
+        None => row.last_seen_at,
+    };
+    let metadata = RawValue::from_string(row.metadata.clone())
+        .ok()
+        .and_then(|raw| serde_json::to_value(raw).ok())
+        .unwrap_or_else(|| json!({}));
+    json!({
+        "id": row.id,
+        "name": row.name,
+        "metadata": metadata,
+        "enabled": row.enabled,
+        "online": live.is_some(),
+        "created_at": format_ms(row.created_at),
+        "last_connected_at": opt_time(row.last_connected_at),
+        "last_disconnected_at": opt_time(row.last_disconnected_at),
+        "last_seen_at": opt_time(last_seen),
+        "last_disconnect_reason": row.last_disconnect_reason,
+    })
+}
+
+fn check_name(name: Option<&str>) -> Result<(), ApiError> {
+    match name {
+        Some(n) if n.chars().count() > MAX_NAME_CHARS => {
+            Err(ApiError::invalid("name is at most 256 characters"))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn find(state: &ApiState, id: &str) -> Result<DeviceRow, ApiError> {
+    state
+        .store
+        .get_device(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))
+}
+
+#[derive(Deserialize)]
+pub struct CreateDevice {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+}
+
+/// `POST /v1/devices`: `201` with the device and its token (shown only here).
+pub async fn create(
+    State(state): State<ApiState>,
+    JsonBody(body): JsonBody<CreateDevice>,
+) -> Result<impl IntoResponse, ApiError> {
+    if !valid_device_id(&body.id) {
+        return Err(ApiError::invalid(
+            "id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}",
+        ));
+    }
+    check_name(body.name.as_deref())?;
+    let metadata = Value::Object(body.metadata.unwrap_or_default()).to_string();
+    let token = super::key::random_secret();
+    let row = match state
+        .store
+        .create_device(
+            &body.id,
+            body.name.as_deref(),
+            &metadata,
+            &hash_token(&token),
+            now_ms(),
+        )
+        .await
+    {
+        Ok(row) => row,
+        Err(StoreError::Conflict) => {
+            return Err(ApiError::conflict(format!(
+                "device `{}` already exists",
+                body.id
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut device = device_json(&state, &row);
+    device["token"] = Value::String(token);
+    tracing::info!(device_id = %row.id, "device created");
+    Ok((StatusCode::CREATED, Json(device)))
+}
+
+/// `GET /v1/devices?online=&limit=&cursor=`.
+pub async fn list(
+    State(state): State<ApiState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = parse_limit(params.get("limit").map(String::as_str))?;
+    let online = match params.get("online").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return Err(ApiError::bad_request("online must be true or false")),
+    };
+    let mut after = match params.get("cursor") {
+        None => None,
+        Some(c) => Some(cursor::decode(c).ok_or_else(|| ApiError::bad_request("invalid cursor"))?),
+    };
+    let want = limit as usize + 1;
+    let mut rows = Vec::with_capacity(want);
+    loop {
+        let page = state
+            .store
+            .list_devices(after.as_deref(), (want as u32).max(200))
+            .await?;
+        let exhausted = page.len() < (want).max(200);
+        after = page.last().map(|r| r.id.clone());
+        rows.extend(
+            page.into_iter()
+                .filter(|r| online.is_none_or(|o| state.hub.get(&r.id).is_some() == o)),
+        );
+        if rows.len() >= want || exhausted {
+            break;
+        }
+    }
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| cursor::encode(&r.id))
+    } else {
+        None
+    };
+    let items: Vec<Value> = rows.iter().map(|r| device_json(&state, r)).collect();
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
+}
+
+/// `GET /v1/devices/{id}`.
+pub async fn show(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let row = find(&state, &id).await?;
+    Ok(Json(device_json(&state, &row)))
+}
+
+/// Distinguishes an absent field from an explicit `null`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+pub struct UpdateDevice {
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Option<String>>,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    enabled: Option<bool>,
+}
+
+/// `PATCH /v1/devices/{id}`: name, metadata, enabled; disabling closes a live session (4003).
+pub async fn update(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<UpdateDevice>,
+) -> Result<Json<Value>, ApiError> {
+    check_name(body.name.as_ref().and_then(|n| n.as_deref()))?;
+    let patch = DevicePatch {
+        name: body.name,
+        metadata: body.metadata.map(|m| Value::Object(m).to_string()),
+        enabled: body.enabled,
+    };
+    let row = state
+        .store
+        .update_device(&id, &patch, now_ms())
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))?;
+    if !row.enabled {
+        state.hub.close(&row.id, CloseOrder::DISABLED);
+    }
+    Ok(Json(device_json(&state, &row)))
+}
+
+/// `DELETE /v1/devices/{id}`: `204`; a live session is closed (4003).
+pub async fn remove(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let pk = state
+        .store
+        .delete_device(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))?;
+    state.hub.close(&id, CloseOrder::DISABLED);
+    tracing::info!(device_id = %id, "device deleted");
+    let store = state.store.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.purge_telemetry(pk).await {
+            tracing::warn!(error = %e, "purging a deleted device's telemetry failed");
+        }
+    });
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/devices/{id}/token`: a new token; the old one stops working, a live session is closed (4003).
+pub async fn rotate_token(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let token = super::key::random_secret();
+    if !state
+        .store
+        .set_token_hash(&id, &hash_token(&token), now_ms())
+        .await?
+    {
+        return Err(ApiError::not_found(format!("no device `{id}`")));
+    }
+    state.hub.close(&id, CloseOrder::TOKEN_ROTATED);
+    tracing::info!(device_id = %id, "device token rotated");
+    Ok(Json(json!({"token": token})))
+}
+
+/// `GET /v1/devices/{id}/sessions`: connection history, newest first.
+pub async fn sessions(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = parse_limit(params.get("limit").map(String::as_str))?;
+    let device = find(&state, &id).await?;
+    let before = match params.get("cursor") {
+        None => None,
+        Some(c) => {
+            let text = cursor::decode(c).ok_or_else(|| ApiError::bad_request("invalid cursor"))?;
+            let (at, sid) = text
+                .split_once('|')
+                .and_then(|(at, sid)| Some((at.parse::<i64>().ok()?, sid.to_owned())))
+                .ok_or_else(|| ApiError::bad_request("invalid cursor"))?;
+            Some((at, sid))
+        }
+    };
+    let mut rows = state
+        .store
+        .list_sessions(
+            device.pk,
+            before.as_ref().map(|(at, sid)| (*at, sid.as_str())),
+            limit + 1,
+        )
+        .await?;
+    let next_cursor = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last()
+            .map(|r| cursor::encode(&format!("{}|{}", r.connected_at, r.session_id)))
+    } else {
+        None
+    };
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "session_id": r.session_id,
+                "connected_at": format_ms(r.connected_at),
+                "disconnected_at": opt_time(r.disconnected_at),
+                "disconnect_reason": r.disconnect_reason,
+                "remote_addr": r.remote_addr,
+                "auth": r.auth,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_device_id;
+
+    #[test]
+    fn device_ids() {
+        assert!(valid_device_id("sensor-1"));
+        assert!(valid_device_id("a"));
+        assert!(valid_device_id("A.b_c:d-9"));
+        assert!(valid_device_id(&"x".repeat(128)));
+        assert!(!valid_device_id(&"x".repeat(129)));
+        assert!(!valid_device_id(""));
+        assert!(!valid_device_id("-leading"));
+        assert!(!valid_device_id("bad id!"));
+        assert!(!valid_device_id("slash/no"));
+    }
+}

@@ -1,0 +1,206 @@
+//! The operator HTTP API (axum): `router()`, the error type, auth and body extraction.
+
+mod devices;
+mod health;
+pub mod https;
+pub mod key;
+mod telemetry;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::Hub;
+use crate::store::{Store, StoreError};
+
+/// Largest request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub hub: Arc<Hub>,
+    pub api_key: Arc<key::ApiKey>,
+    pub shutdown: CancellationToken,
+}
+
+/// An API error: a status and the contract's `{"error","message"}` body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    /// 400 `bad_request`.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    /// 409 `conflict`.
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+    /// 422 `invalid`.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+    }
+    /// 401 `unauthorized`.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API key: send Authorization: Bearer <api key>",
+        )
+    }
+    /// 503 `unavailable`.
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        // The details stay in the log.
+        tracing::error!(error = %e, "storage error while serving the API");
+        ApiError::unavailable("storage unavailable, retry later")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({"error": self.code, "message": self.message}));
+        (self.status, body).into_response()
+    }
+}
+
+/// A JSON body: malformed is `400`, well-formed but wrong is `422`, over 1 MiB is `413`.
+/// The content type is not enforced, so `curl -d` works as people expect.
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        "request body larger than 1 MiB",
+                    )
+                } else {
+                    ApiError::bad_request("could not read the request body")
+                }
+            })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => ApiError::invalid(e.to_string()),
+                _ => ApiError::bad_request(format!("malformed JSON: {e}")),
+            }
+        })
+    }
+}
+
+async fn require_api_key(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
+    match presented {
+        Some(k) if state.api_key.matches(k) => next.run(req).await,
+        _ => ApiError::unauthorized().into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+/// The whole operator API.
+pub fn router(state: ApiState) -> Router {
+    let v1 = Router::new()
+        .route("/devices", post(devices::create).get(devices::list))
+        .route(
+            "/devices/{id}",
+            get(devices::show)
+                .patch(devices::update)
+                .delete(devices::remove),
+        )
+        .route("/devices/{id}/token", post(devices::rotate_token))
+        .route("/devices/{id}/sessions", get(devices::sessions))
+        .route("/devices/{id}/telemetry", get(telemetry::query))
+        .route("/devices/{id}/telemetry/latest", get(telemetry::latest))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Parses an optional `limit` query value: 1..=1000, default 100.
+pub(crate) fn parse_limit(raw: Option<&str>) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(100),
+        Some(s) => match s.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "limit must be an integer from 1 to 1000",
+            )),
+        },
+    }
+}
+
+/// Opaque cursors: base64url text.
+pub(crate) mod cursor {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    /// Encodes a cursor.
+    pub fn encode(text: &str) -> String {
+        URL_SAFE_NO_PAD.encode(text)
+    }
+
+    /// Decodes a cursor made by [`encode`].
+    pub fn decode(cursor: &str) -> Option<String> {
+        String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()
+    }
+}

@@ -1,0 +1,27 @@
+//! The device side: accept loop, upgrade handshake and authentication, one session task per device.
+
+pub mod handshake;
+pub mod limits;
+pub mod listener;
+pub mod protocol;
+pub mod session;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::hub::Hub;
+use crate::store::writer::Writer;
+use crate::store::Store;
+
+/// What every device connection needs, shared.
+#[derive(Debug)]
+pub struct DeviceContext {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub hub: Arc<Hub>,
+    pub writer: Writer,
+    pub limits: Arc<limits::Limits>,
+    pub shutdown: CancellationToken,
+}

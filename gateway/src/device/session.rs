@@ -1,0 +1,389 @@
+//! One task per connected device: reads its messages, hands telemetry to the writer, sends acks.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use super::limits::TokenBucket;
+use super::protocol::{self, ErrorCode, Inbound, Limits, Outbound};
+use super::DeviceContext;
+use crate::hub::{CloseOrder, SessionHandle};
+use crate::store::sessions::{SessionEnd, SessionStart};
+use crate::store::writer::{TelemetryJob, WriteJob};
+use crate::time::now_ms;
+
+/// Messages a device may have waiting for their commit before the session stops reading.
+const MAX_PENDING_ACKS: usize = 128;
+/// Consecutive invalid messages tolerated before closing with 1008.
+const MAX_INVALID_STREAK: u32 = 10;
+
+/// Who is connected, as established by the handshake.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub device_pk: i64,
+    pub device_id: String,
+    pub session_id: String,
+    pub remote_addr: String,
+    pub auth: &'static str,
+}
+
+/// Waits for one telemetry message's commit.
+struct PendingAck {
+    id: String,
+    done: oneshot::Receiver<bool>,
+}
+
+impl Future for PendingAck {
+    type Output = (String, bool);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(String, bool)> {
+        let this = &mut *self;
+        this.done
+            .poll_unpin(cx)
+            .map(|r| (std::mem::take(&mut this.id), r.unwrap_or(false)))
+    }
+}
+
+/// How a session ended.
+struct Ending {
+    /// Close frame to send, if the gateway closes.
+    close: Option<(u16, &'static str)>,
+    /// `last_disconnect_reason`.
+    reason: &'static str,
+}
+
+impl Ending {
+    fn close(code: u16, text: &'static str, reason: &'static str) -> Ending {
+        Ending {
+            close: Some((code, text)),
+            reason,
+        }
+    }
+    fn lost() -> Ending {
+        Ending {
+            close: None,
+            reason: "connection_lost",
+        }
+    }
+}
+
+impl From<CloseOrder> for Ending {
+    fn from(o: CloseOrder) -> Ending {
+        Ending::close(o.code, o.text, o.reason)
+    }
+}
+
+/// The state of one device connection.
+pub struct Session<S> {
+    ws: WebSocketStream<S>,
+    ctx: Arc<DeviceContext>,
+    me: Identity,
+    handle: Arc<SessionHandle>,
+    pending: FuturesUnordered<PendingAck>,
+    bucket: TokenBucket,
+    invalid_streak: u32,
+    last_frame: Instant,
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// A session over an upgraded socket.
+    pub fn new(ws: WebSocketStream<S>, ctx: Arc<DeviceContext>, me: Identity) -> Session<S> {
+        let handle = SessionHandle::new(me.session_id.clone(), now_ms());
+        let bucket = TokenBucket::new(ctx.settings.telemetry_rate, ctx.settings.telemetry_burst);
+        Session {
+            ws,
+            ctx,
+            me,
+            handle,
+            pending: FuturesUnordered::new(),
+            bucket,
+            invalid_streak: 0,
+            last_frame: Instant::now(),
+        }
+    }
+
+    /// Runs the session to its end, recording presence on both sides.
+    pub async fn run(mut self) {
+        let connected_at = now_ms();
+        self.ctx
+            .hub
+            .register(&self.me.device_id, self.handle.clone());
+        let start = SessionStart {
+            session_id: self.me.session_id.clone(),
+            device_pk: self.me.device_pk,
+            connected_at,
+            remote_addr: self.me.remote_addr.clone(),
+            auth: self.me.auth,
+        };
+        let _ = self.ctx.writer.submit(WriteJob::SessionStart(start)).await;
+        tracing::debug!("device connected");
+
+        let ending = match self.welcome().await {
+            Ok(()) => self.serve().await,
+            Err(_) => Ending::lost(),
+        };
+        if let Some((code, text)) = ending.close {
+            self.close(code, text).await;
+        }
+        self.ctx
+            .hub
+            .unregister(&self.me.device_id, &self.me.session_id);
+        let end = SessionEnd {
+            session_id: self.me.session_id.clone(),
+            device_pk: self.me.device_pk,
+            disconnected_at: now_ms(),
+            reason: ending.reason,
+            last_seen_at: self.handle.last_seen(),
+        };
+        let _ = self.ctx.writer.submit(WriteJob::SessionEnd(end)).await;
+        tracing::debug!(reason = ending.reason, "device disconnected");
+    }
+
+    async fn welcome(&mut self) -> Result<(), WsError> {
+        let text = Outbound::Welcome {
+            device_id: &self.me.device_id,
+            session_id: &self.me.session_id,
+            server_time: crate::time::format_ms(now_ms()),
+            limits: Limits {
+                max_message_bytes: self.ctx.settings.max_message_bytes,
+                telemetry_per_sec: self.ctx.settings.telemetry_rate,
+            },
+        }
+        .to_json();
+        self.ws.send(Message::text(text)).await
+    }
+
+    async fn serve(&mut self) -> Ending {
+        let settings = self.ctx.settings.clone();
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + settings.ping_interval,
+            settings.ping_interval,
+        );
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let handle = self.handle.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.drain_acks().await;
+                    return Ending::close(1001, "server shutting down", "server_shutdown");
+                }
+                order = handle.close_ordered() => return order.into(),
+                Some((id, ok)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if self.send_acks(id, ok).await.is_err() {
+                        return Ending::lost();
+                    }
+                }
+                frame = self.ws.next(), if self.pending.len() < MAX_PENDING_ACKS => {
+                    if let Some(ending) = self.on_frame(frame).await {
+                        return ending;
+                    }
+                }
+                _ = ping.tick() => {
+                    if self.last_frame.elapsed() >= settings.idle_timeout {
+                        return Ending::close(4008, "idle timeout", "idle_timeout");
+                    }
+                    if self.ws.send(Message::Ping(Default::default())).await.is_err() {
+                        return Ending::lost();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles what the socket yielded; `Some` ends the session.
+    async fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) -> Option<Ending> {
+        let message = match frame {
+            None => {
+                return Some(Ending {
+                    close: None,
+                    reason: "client_closed",
+                })
+            }
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Some(ending_for(e)),
+        };
+        self.last_frame = Instant::now();
+        self.handle.touch(now_ms());
+        match message {
+            Message::Text(text) => self.on_text(text.as_str()).await,
+            Message::Binary(_) => Some(Ending::close(
+                1003,
+                "binary frames are not accepted",
+                "protocol_error",
+            )),
+            Message::Close(_) => Some(Ending {
+                close: None,
+                reason: "client_closed",
+            }),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Option<Ending> {
+        let inbound = match protocol::parse(text) {
+            Ok(m) => m,
+            Err(invalid) => {
+                self.invalid_streak += 1;
+                let sent = self
+                    .send_error(
+                        invalid.id.as_deref(),
+                        ErrorCode::InvalidMessage,
+                        invalid.message,
+                    )
+                    .await;
+                if self.invalid_streak >= MAX_INVALID_STREAK {
+                    return Some(Ending::close(
+                        1008,
+                        "too many invalid messages",
+                        "protocol_error",
+                    ));
+                }
+                return sent.err().map(|_| Ending::lost());
+            }
+        };
+        self.invalid_streak = 0;
+        let result = match inbound {
+            Inbound::Telemetry { id, points } => self.on_telemetry(id, points).await,
+            Inbound::Ack { id } | Inbound::CommandResult { id, .. } => {
+                self.send_error(
+                    Some(&id),
+                    ErrorCode::UnknownCommand,
+                    "this device has no command with that id",
+                )
+                .await
+            }
+        };
+        result.err().map(|_| Ending::lost())
+    }
+
+    async fn on_telemetry(
+        &mut self,
+        id: String,
+        points: Vec<protocol::Point>,
+    ) -> Result<(), WsError> {
+        if !self.bucket.try_take(Instant::now()) {
+            return self
+                .send_error(
+                    Some(&id),
+                    ErrorCode::RateLimited,
+                    "telemetry rate limit exceeded; the message was not stored",
+                )
+                .await;
+        }
+        let (done, wait) = oneshot::channel();
+        let job = WriteJob::Telemetry(TelemetryJob {
+            device_pk: self.me.device_pk,
+            msg_id: id.clone(),
+            points,
+            received_at: now_ms(),
+            done,
+        });
+        if self.ctx.writer.submit(job).await.is_err() {
+            return self
+                .send_error(
+                    Some(&id),
+                    ErrorCode::Internal,
+                    "storage unavailable; retry later",
+                )
+                .await;
+        }
+        self.pending.push(PendingAck { id, done: wait });
+        Ok(())
+    }
+
+    /// Sends the ack (or error) for one commit, plus any others already done, in one flush.
+    async fn send_acks(&mut self, id: String, ok: bool) -> Result<(), WsError> {
+        self.ws.feed(ack_message(&id, ok)).await?;
+        while let Some(Some((id, ok))) = self.pending.next().now_or_never() {
+            self.ws.feed(ack_message(&id, ok)).await?;
+        }
+        self.ws.flush().await
+    }
+
+    /// On shutdown: wait for the writer to finish what this device sent, and ack it.
+    async fn drain_acks(&mut self) {
+        let grace = self.ctx.settings.shutdown_grace;
+        let _ = tokio::time::timeout(grace, async {
+            while let Some((id, ok)) = self.pending.next().await {
+                if self.send_acks(id, ok).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn send_error(
+        &mut self,
+        id: Option<&str>,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), WsError> {
+        let text = Outbound::Error { id, code, message }.to_json();
+        self.ws.send(Message::text(text)).await
+    }
+
+    /// Sends a close frame and waits briefly for the device's answer.
+    async fn close(&mut self, code: u16, text: &'static str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: text.into(),
+        };
+        if self.ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+fn ack_message(id: &str, ok: bool) -> Message {
+    let text = if ok {
+        Outbound::Ack { id }.to_json()
+    } else {
+        Outbound::Error {
+            id: Some(id),
+            code: ErrorCode::Internal,
+            message: "storage failed; the message was not stored, retry later",
+        }
+        .to_json()
+    };
+    Message::text(text)
+}
+
+/// Maps a read error to the close code of the contract.
+fn ending_for(e: WsError) -> Ending {
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            Ending::close(1009, "message too big", "protocol_error")
+        }
+        WsError::Capacity(_) => Ending::close(1009, "message too big", "protocol_error"),
+        WsError::Utf8(_) => Ending::close(1007, "invalid UTF-8", "protocol_error"),
+        WsError::Protocol(p) => {
+            tracing::debug!(error = %p, "WebSocket protocol violation");
+            Ending::close(1002, "protocol error", "protocol_error")
+        }
+        other => {
+            tracing::debug!(error = %other, "connection lost");
+            Ending::lost()
+        }
+    }
+}

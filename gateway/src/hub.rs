@@ -1,0 +1,172 @@
+//! Who is online: device id -> the live session's shared handle.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::Notify;
+
+/// Why the gateway closes a session from outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseOrder {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Close frame reason text.
+    pub text: &'static str,
+    /// `last_disconnect_reason` recorded for the device.
+    pub reason: &'static str,
+}
+
+impl CloseOrder {
+    /// A newer connection of the same device took over (4001).
+    pub const REPLACED: CloseOrder = CloseOrder {
+        code: 4001,
+        text: "session replaced",
+        reason: "session_replaced",
+    };
+    /// The device was disabled or deleted (4003).
+    pub const DISABLED: CloseOrder = CloseOrder {
+        code: 4003,
+        text: "device disabled",
+        reason: "disabled",
+    };
+    /// The device's token was rotated (4003).
+    pub const TOKEN_ROTATED: CloseOrder = CloseOrder {
+        code: 4003,
+        text: "token rotated",
+        reason: "token_rotated",
+    };
+}
+
+/// State a live session shares with the rest of the gateway.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub session_id: String,
+    last_seen: AtomicI64,
+    close: OnceLock<CloseOrder>,
+    closed: Notify,
+}
+
+impl SessionHandle {
+    /// A handle for a session that connected at `now` (epoch ms).
+    pub fn new(session_id: String, now: i64) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            session_id,
+            last_seen: AtomicI64::new(now),
+            close: OnceLock::new(),
+            closed: Notify::new(),
+        })
+    }
+
+    /// Records a frame from the device; kept in memory, written when the session ends.
+    pub fn touch(&self, now: i64) {
+        self.last_seen.store(now, Ordering::Relaxed);
+    }
+
+    /// The last time a frame arrived.
+    pub fn last_seen(&self) -> i64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Asks the session to close; the first order wins.
+    pub fn order_close(&self, order: CloseOrder) {
+        let _ = self.close.set(order);
+        self.closed.notify_one();
+    }
+
+    /// Resolves once a close was ordered (cancel-safe: an order is never lost).
+    pub async fn close_ordered(&self) -> CloseOrder {
+        loop {
+            if let Some(order) = self.close.get() {
+                return *order;
+            }
+            self.closed.notified().await;
+        }
+    }
+}
+
+/// The registry of live sessions.
+#[derive(Debug, Default)]
+pub struct Hub {
+    live: Mutex<HashMap<String, Arc<SessionHandle>>>,
+}
+
+impl Hub {
+    /// Makes `handle` the device's live session, closing the one it replaces with 4001.
+    pub fn register(&self, device_id: &str, handle: Arc<SessionHandle>) {
+        let old = self
+            .live
+            .lock()
+            .expect("hub lock")
+            .insert(device_id.to_owned(), handle);
+        if let Some(old) = old {
+            old.order_close(CloseOrder::REPLACED);
+        }
+    }
+
+    /// Removes the device's entry if it still belongs to this session.
+    pub fn unregister(&self, device_id: &str, session_id: &str) {
+        let mut live = self.live.lock().expect("hub lock");
+        if live
+            .get(device_id)
+            .is_some_and(|h| h.session_id == session_id)
+        {
+            live.remove(device_id);
+        }
+    }
+
+    /// Closes the device's live session, if any; true when there was one.
+    pub fn close(&self, device_id: &str, order: CloseOrder) -> bool {
+        let handle = self.live.lock().expect("hub lock").get(device_id).cloned();
+        match handle {
+            Some(h) => {
+                h.order_close(order);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The live session of a device.
+    pub fn get(&self, device_id: &str) -> Option<Arc<SessionHandle>> {
+        self.live.lock().expect("hub lock").get(device_id).cloned()
+    }
+
+    /// How many devices are online.
+    pub fn online_count(&self) -> usize {
+        self.live.lock().expect("hub lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_session_replaces_the_first() {
+        let hub = Hub::default();
+        let first = SessionHandle::new("s1".into(), 0);
+        hub.register("d", first.clone());
+        let second = SessionHandle::new("s2".into(), 0);
+        hub.register("d", second.clone());
+        assert_eq!(first.close_ordered().await, CloseOrder::REPLACED);
+        hub.unregister("d", "s1");
+        assert_eq!(
+            hub.get("d").unwrap().session_id,
+            "s2",
+            "the old session's exit keeps the new one"
+        );
+        hub.unregister("d", "s2");
+        assert!(hub.get("d").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_close_order_is_not_lost_before_anyone_waits() {
+        let hub = Hub::default();
+        let h = SessionHandle::new("s".into(), 0);
+        hub.register("d", h.clone());
+        assert!(hub.close("d", CloseOrder::DISABLED));
+        assert!(!hub.close("other", CloseOrder::DISABLED));
+        assert_eq!(h.close_ordered().await, CloseOrder::DISABLED);
+    }
+}

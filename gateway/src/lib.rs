@@ -1,0 +1,258 @@
+//! An IoT device-to-cloud WebSocket gateway: devices hold TLS WebSocket connections,
+//! their telemetry is acked only once it is durably in SQLite, and operators manage
+//! the fleet over an HTTP API.
+//!
+//! # Layout
+//! - [`config`]: settings with defaults; TOML, environment and flags merged in one place.
+//! - [`tls`]: the rustls `ServerConfig`, from PEM files or a generated development CA.
+//! - [`device`]: the device side: `listener` (accept loop), `handshake` (upgrade and
+//!   auth), `session` (one task per device), `protocol` (message types and validation),
+//!   `limits` (admission and rate limits).
+//! - [`hub`]: who is online: device id -> handle of its live session.
+//! - [`store`]: the database: pools and migrations, one file per table family, and the
+//!   batching `writer` that commits telemetry (group commit) before it is acked.
+//! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`.
+//! - [`shutdown`]: signal -> cancellation; [`Gateway::run`] drains within a grace period.
+//! - [`time`]: epoch milliseconds inside, RFC 3339 outside.
+
+pub mod api;
+pub mod config;
+pub mod device;
+pub mod hub;
+pub mod shutdown;
+pub mod store;
+pub mod time;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use config::Settings;
+use device::DeviceContext;
+use hub::Hub;
+use store::writer::{Writer, WriterConfig};
+use store::Store;
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("cannot bind the {which} listener on {addr}: {source}")]
+    Bind {
+        which: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("API key file {path}: {source}")]
+    ApiKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("operator API server failed: {0}")]
+    Api(std::io::Error),
+}
+
+/// A gateway with its listeners bound, database open, ready to [`run`](Gateway::run).
+pub struct Gateway {
+    settings: Arc<Settings>,
+    store: Store,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    api_key: api::key::ApiKey,
+    device_listener: TcpListener,
+    api_listener: TcpListener,
+}
+
+impl Gateway {
+    /// Prepares TLS, opens and migrates the database, resolves the API key, binds both listeners.
+    pub async fn bind(settings: Settings) -> Result<Gateway, GatewayError> {
+        let needs_cert = !settings.no_tls || settings.api_tls;
+        let tls = if needs_cert {
+            let files = tls::resolve_cert_files(
+                settings.tls_cert.as_deref(),
+                settings.tls_key.as_deref(),
+                &settings.certs_dir,
+            )?;
+            if let Some(ca) = &files.dev_ca {
+                let ca = std::fs::canonicalize(ca).unwrap_or_else(|_| ca.clone());
+                tracing::warn!(
+                    ca = %ca.display(),
+                    "no TLS certificate configured: using a generated development certificate; \
+                     devices must trust this CA file (set --tls-cert/--tls-key in production)"
+                );
+            }
+            Some(tls::server_config(&files)?)
+        } else {
+            None
+        };
+        let store = Store::open(&settings.database_url, settings.synchronous).await?;
+        let key_path = api::key::key_file(store.path());
+        let (key, generated) =
+            api::key::resolve(settings.api_key.as_deref(), &key_path).map_err(|source| {
+                GatewayError::ApiKey {
+                    path: key_path.clone(),
+                    source,
+                }
+            })?;
+        if generated {
+            // Printed once, on purpose and never through the logger: the operator needs it.
+            eprintln!(
+                "Generated operator API key (kept in {}): {key}",
+                key_path.display()
+            );
+        }
+        let bind = |which, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    which,
+                    addr,
+                    source,
+                })
+        };
+        let device_listener = bind("device", settings.device_addr).await?;
+        let api_listener = bind("API", settings.api_addr).await?;
+        Ok(Gateway {
+            settings: Arc::new(settings),
+            store,
+            tls,
+            api_key: api::key::ApiKey::new(&key),
+            device_listener,
+            api_listener,
+        })
+    }
+
+    /// The device and API listener addresses.
+    pub fn local_addrs(&self) -> (SocketAddr, SocketAddr) {
+        (
+            self.device_listener.local_addr().expect("bound listener"),
+            self.api_listener.local_addr().expect("bound listener"),
+        )
+    }
+
+    /// `listening device=wss://.../v1/connect api=http://.../v1`.
+    pub fn listening_line(&self) -> String {
+        let (device, api) = self.local_addrs();
+        let ws = if self.settings.no_tls { "ws" } else { "wss" };
+        let http = if self.settings.api_tls {
+            "https"
+        } else {
+            "http"
+        };
+        format!("listening device={ws}://{device}/v1/connect api={http}://{api}/v1")
+    }
+
+    /// Serves devices and operators until `shutdown` is cancelled, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), GatewayError> {
+        let Gateway {
+            settings,
+            store,
+            tls,
+            api_key,
+            device_listener,
+            api_listener,
+        } = self;
+        let stale = store.close_stale_sessions(time::now_ms()).await?;
+        if stale > 0 {
+            tracing::info!(
+                sessions = stale,
+                "closed sessions left open by an unclean stop"
+            );
+        }
+        let (writer, writer_task) = Writer::spawn(
+            store.clone(),
+            WriterConfig {
+                max_rows: settings.batch_max_rows,
+                max_delay: settings.batch_max_delay,
+                queue: settings.writer_queue,
+            },
+        );
+        let hub = Arc::new(Hub::default());
+        let ctx = Arc::new(DeviceContext {
+            settings: settings.clone(),
+            store: store.clone(),
+            hub: hub.clone(),
+            writer,
+            limits: device::limits::Limits::new(
+                settings.max_connections,
+                settings.max_connections_per_ip,
+                settings.device_connects_per_min,
+            ),
+            shutdown: shutdown.clone(),
+        });
+
+        let sessions = TaskTracker::new();
+        let device_acceptor = tls
+            .clone()
+            .filter(|_| !settings.no_tls)
+            .map(TlsAcceptor::from);
+        let accept_loop = tokio::spawn(device::listener::serve(
+            device_listener,
+            device_acceptor,
+            ctx.clone(),
+            sessions.clone(),
+        ));
+
+        let router = api::router(api::ApiState {
+            store: store.clone(),
+            hub,
+            api_key: Arc::new(api_key),
+            shutdown: shutdown.clone(),
+        });
+        let api_shutdown = shutdown.clone();
+        let api_server = match tls.filter(|_| settings.api_tls) {
+            Some(config) => {
+                let listener = api::https::TlsListener::new(
+                    api_listener,
+                    TlsAcceptor::from(config),
+                    settings.handshake_timeout,
+                )
+                .map_err(GatewayError::Api)?;
+                tokio::spawn(async move {
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(api_shutdown.cancelled_owned())
+                        .await
+                })
+            }
+            None => tokio::spawn(async move {
+                axum::serve(api_listener, router)
+                    .with_graceful_shutdown(api_shutdown.cancelled_owned())
+                    .await
+            }),
+        };
+
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: closing device connections");
+        let _ = accept_loop.await;
+        sessions.close();
+        if tokio::time::timeout(settings.shutdown_grace, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some device sessions did not finish within the grace period");
+        }
+        drop(ctx);
+        if tokio::time::timeout(settings.shutdown_grace, writer_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the telemetry writer did not finish within the grace period");
+        }
+        match tokio::time::timeout(settings.shutdown_grace, api_server).await {
+            Ok(Ok(Err(e))) => return Err(GatewayError::Api(e)),
+            Err(_) => tracing::warn!("API requests still running at the end of the grace period"),
+            _ => {}
+        }
+        store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

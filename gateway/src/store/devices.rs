@@ -1,0 +1,186 @@
+//! The device registry table: create, read, update, delete, token hashes.
+
+use sqlx::{FromRow, Row};
+
+use super::{is_unique_violation, Store, StoreError};
+
+/// A device as stored.
+#[derive(Debug, Clone, FromRow)]
+pub struct DeviceRow {
+    pub pk: i64,
+    pub id: String,
+    pub name: Option<String>,
+    pub metadata: String,
+    pub enabled: bool,
+    pub created_at: i64,
+    pub last_connected_at: Option<i64>,
+    pub last_disconnected_at: Option<i64>,
+    pub last_seen_at: Option<i64>,
+    pub last_disconnect_reason: Option<String>,
+}
+
+/// What a device's token resolves to.
+#[derive(Debug, Clone)]
+pub struct TokenOwner {
+    pub pk: i64,
+    pub id: String,
+    pub enabled: bool,
+}
+
+/// Changes to a device; `None` leaves a field as it is.
+#[derive(Debug, Default)]
+pub struct DevicePatch {
+    pub name: Option<Option<String>>,
+    pub metadata: Option<String>,
+    pub enabled: Option<bool>,
+}
+
+const COLUMNS: &str = "pk, id, name, metadata, enabled, created_at, last_connected_at, \
+     last_disconnected_at, last_seen_at, last_disconnect_reason";
+
+impl Store {
+    /// Inserts a device; `Conflict` when the id is taken.
+    pub async fn create_device(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        metadata: &str,
+        token_hash: &[u8],
+        now: i64,
+    ) -> Result<DeviceRow, StoreError> {
+        let sql = format!(
+            "INSERT INTO devices (id, name, metadata, enabled, token_hash, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?5) RETURNING {COLUMNS}"
+        );
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query_as::<_, DeviceRow>(&sql)
+            .bind(id)
+            .bind(name)
+            .bind(metadata)
+            .bind(token_hash)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict
+                } else {
+                    e.into()
+                }
+            })?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// One device by id.
+    pub async fn get_device(&self, id: &str) -> Result<Option<DeviceRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM devices WHERE id = ?1");
+        Ok(sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?)
+    }
+
+    /// Devices ordered by id, after `after`.
+    pub async fn list_devices(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeviceRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2");
+        Ok(sqlx::query_as(&sql)
+            .bind(after.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?)
+    }
+
+    /// Applies a patch; `None` when the device does not exist.
+    pub async fn update_device(
+        &self,
+        id: &str,
+        patch: &DevicePatch,
+        now: i64,
+    ) -> Result<Option<DeviceRow>, StoreError> {
+        let sql = format!(
+            "UPDATE devices SET \
+               name = CASE WHEN ?2 THEN ?3 ELSE name END, \
+               metadata = COALESCE(?4, metadata), \
+               enabled = COALESCE(?5, enabled), \
+               updated_at = ?6 \
+             WHERE id = ?1 RETURNING {COLUMNS}"
+        );
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query_as(&sql)
+            .bind(id)
+            .bind(patch.name.is_some())
+            .bind(patch.name.clone().flatten())
+            .bind(patch.metadata.as_deref())
+            .bind(patch.enabled)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// Deletes a device and its history; `false` when it did not exist.
+    ///
+    /// Telemetry is removed in chunks afterwards by [`Store::purge_telemetry`], so a
+    /// device with millions of points does not hold the write lock for long.
+    pub async fn delete_device(&self, id: &str) -> Result<Option<i64>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let pk: Option<i64> = sqlx::query_scalar("DELETE FROM devices WHERE id = ?1 RETURNING pk")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(pk) = pk {
+            sqlx::query("DELETE FROM sessions WHERE device_pk = ?1")
+                .bind(pk)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM commands WHERE device_pk = ?1")
+                .bind(pk)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(pk)
+    }
+
+    /// Replaces a device's token hash; `false` when the device does not exist.
+    pub async fn set_token_hash(
+        &self,
+        id: &str,
+        token_hash: &[u8],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query("UPDATE devices SET token_hash = ?2, updated_at = ?3 WHERE id = ?1")
+            .bind(id)
+            .bind(token_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// The device a token hash belongs to.
+    pub async fn device_by_token(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<TokenOwner>, StoreError> {
+        let row = sqlx::query("SELECT pk, id, enabled FROM devices WHERE token_hash = ?1")
+            .bind(token_hash)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.map(|r| TokenOwner {
+            pk: r.get("pk"),
+            id: r.get("id"),
+            enabled: r.get("enabled"),
+        }))
+    }
+}

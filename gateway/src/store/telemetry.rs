@@ -1,0 +1,234 @@
+//! The telemetry table: batched inserts (for the writer), range queries, aggregates, purge.
+
+use futures_util::TryStreamExt;
+use sqlx::{FromRow, Row, SqliteConnection};
+
+use super::{Store, StoreError};
+
+/// One stored point.
+#[derive(Debug, Clone, FromRow)]
+pub struct TelemetryRow {
+    pub rowid: i64,
+    pub msg_id: String,
+    pub seq: i64,
+    pub ts: i64,
+    pub received_at: i64,
+    pub data: String,
+}
+
+/// Where a page of telemetry starts: after this `(ts, rowid)` in the query's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub ts: i64,
+    pub rowid: i64,
+}
+
+/// A telemetry range query.
+#[derive(Debug, Clone)]
+pub struct RangeQuery {
+    pub device_pk: i64,
+    /// Inclusive lower bound of `ts`.
+    pub from: i64,
+    /// Exclusive upper bound of `ts`.
+    pub to: i64,
+    pub descending: bool,
+    pub after: Option<Position>,
+    pub limit: u32,
+}
+
+/// Aggregate functions over numeric values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Agg {
+    Avg,
+    Min,
+    Max,
+    Sum,
+    Count,
+    Last,
+}
+
+impl Agg {
+    /// Parses `avg`, `min`, `max`, `sum`, `count`, `last`.
+    pub fn parse(s: &str) -> Option<Agg> {
+        Some(match s {
+            "avg" => Agg::Avg,
+            "min" => Agg::Min,
+            "max" => Agg::Max,
+            "sum" => Agg::Sum,
+            "count" => Agg::Count,
+            "last" => Agg::Last,
+            _ => return None,
+        })
+    }
+
+    /// The name used in responses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Agg::Avg => "avg",
+            Agg::Min => "min",
+            Agg::Max => "max",
+            Agg::Sum => "sum",
+            Agg::Count => "count",
+            Agg::Last => "last",
+        }
+    }
+
+    /// The select-list entry producing column `v` (as REAL).
+    fn sql(self) -> &'static str {
+        match self {
+            Agg::Avg => "CAST(avg(j.value) AS REAL) AS v",
+            Agg::Min => "CAST(min(j.value) AS REAL) AS v",
+            Agg::Max => "CAST(max(j.value) AS REAL) AS v",
+            Agg::Sum => "total(j.value) AS v",
+            Agg::Count => "CAST(count(*) AS REAL) AS v",
+            // SQLite takes a bare column from the row that holds max(): the newest value.
+            Agg::Last => "CAST(j.value AS REAL) AS v, max(t.ts) AS newest",
+        }
+    }
+}
+
+/// One aggregated value: the bucket start, the key, the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggRow {
+    pub bucket: i64,
+    pub key: String,
+    pub value: f64,
+}
+
+/// An aggregate query: numeric keys of `data`, one row per (interval, key).
+#[derive(Debug, Clone)]
+pub struct AggQuery {
+    pub device_pk: i64,
+    pub from: i64,
+    pub to: i64,
+    pub interval_ms: i64,
+    pub agg: Agg,
+    pub descending: bool,
+    /// At most this many intervals.
+    pub limit: u32,
+    /// Only these keys of `data` (all when `None`).
+    pub keys: Option<Vec<String>>,
+}
+
+/// The statement the writer runs for a batch: one fixed SQL text whose only
+/// parameter is a JSON array of `[device_pk, msg_id, seq, ts, received_at, data]`
+/// rows, so SQLite parses the whole batch in one call and the statement stays cached.
+const INSERT_BATCH: &str = "INSERT OR IGNORE INTO telemetry \
+     (device_pk, msg_id, seq, ts, received_at, data) \
+     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value -> 5 \
+     FROM json_each(?1)";
+
+/// Inserts a batch given as a JSON array of rows; returns how many rows were new.
+pub(super) async fn insert_batch(
+    conn: &mut SqliteConnection,
+    rows_json: &str,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(INSERT_BATCH)
+        .bind(rows_json)
+        .execute(conn)
+        .await?
+        .rows_affected())
+}
+
+impl Store {
+    /// A page of points in `ts` order (ties broken by insertion order).
+    pub async fn query_telemetry(&self, q: &RangeQuery) -> Result<Vec<TelemetryRow>, StoreError> {
+        let sql = if q.descending {
+            "SELECT rowid, msg_id, seq, ts, received_at, data FROM telemetry \
+             WHERE device_pk = ?1 AND ts >= ?2 AND ts < ?3 \
+               AND (?4 IS NULL OR ts < ?4 OR (ts = ?4 AND rowid < ?5)) \
+             ORDER BY ts DESC, rowid DESC LIMIT ?6"
+        } else {
+            "SELECT rowid, msg_id, seq, ts, received_at, data FROM telemetry \
+             WHERE device_pk = ?1 AND ts >= ?2 AND ts < ?3 \
+               AND (?4 IS NULL OR ts > ?4 OR (ts = ?4 AND rowid > ?5)) \
+             ORDER BY ts ASC, rowid ASC LIMIT ?6"
+        };
+        Ok(sqlx::query_as(sql)
+            .bind(q.device_pk)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(q.after.map(|p| p.ts))
+            .bind(q.after.map(|p| p.rowid))
+            .bind(q.limit)
+            .fetch_all(&self.read)
+            .await?)
+    }
+
+    /// The point with the newest `ts`.
+    pub async fn latest_telemetry(
+        &self,
+        device_pk: i64,
+    ) -> Result<Option<TelemetryRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT rowid, msg_id, seq, ts, received_at, data FROM telemetry \
+             WHERE device_pk = ?1 ORDER BY ts DESC, rowid DESC LIMIT 1",
+        )
+        .bind(device_pk)
+        .fetch_optional(&self.read)
+        .await?)
+    }
+
+    /// Aggregates numeric values per interval; at most `limit` intervals, in order.
+    pub async fn aggregate_telemetry(&self, q: &AggQuery) -> Result<Vec<AggRow>, StoreError> {
+        let order = if q.descending { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT (t.ts / ?4) * ?4 AS bucket, j.key AS key, {} \
+             FROM telemetry t, json_each(t.data) j \
+             WHERE t.device_pk = ?1 AND t.ts >= ?2 AND t.ts < ?3 \
+               AND j.type IN ('integer', 'real') \
+               AND (?5 IS NULL OR j.key IN (SELECT value FROM json_each(?5))) \
+             GROUP BY bucket, j.key ORDER BY bucket {order}, j.key",
+            q.agg.sql()
+        );
+        let mut rows = sqlx::query(&sql)
+            .bind(q.device_pk)
+            .bind(q.from)
+            .bind(q.to)
+            .bind(q.interval_ms)
+            .bind(
+                q.keys
+                    .as_ref()
+                    .map(|k| serde_json::to_string(k).expect("strings serialize")),
+            )
+            .fetch(&self.read);
+        let mut out: Vec<AggRow> = Vec::new();
+        let mut buckets = 0u32;
+        while let Some(row) = rows.try_next().await? {
+            let bucket: i64 = row.try_get("bucket")?;
+            if out.last().map(|r| r.bucket) != Some(bucket) {
+                buckets += 1;
+                if buckets > q.limit {
+                    break;
+                }
+            }
+            out.push(AggRow {
+                bucket,
+                key: row.try_get("key")?,
+                value: row.try_get("v")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes the telemetry of a deleted device, a chunk per transaction.
+    pub async fn purge_telemetry(&self, device_pk: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let mut tx = self.begin_write().await?;
+            let n = sqlx::query(
+                "DELETE FROM telemetry WHERE rowid IN \
+                 (SELECT rowid FROM telemetry WHERE device_pk = ?1 LIMIT 5000)",
+            )
+            .bind(device_pk)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            total += n;
+            if n == 0 {
+                return Ok(total);
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The batching writer (group commit): the only task that writes telemetry and presence.
+//!
+//! Sessions hand it jobs over a bounded channel. It takes every job that is
+//! waiting (up to `max_rows` telemetry rows, optionally waiting `max_delay` for
+//! more), writes them in one `BEGIN IMMEDIATE` transaction with one multi-row
+//! insert, commits, and only then answers each telemetry job. When it falls
+//! behind, the channel fills and sessions stop reading their sockets.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
+use super::telemetry::insert_batch;
+use super::{Store, StoreError};
+use crate::device::protocol::Point;
+
+/// Telemetry to commit; `done` receives `true` once it is durable, `false` if the commit failed.
+#[derive(Debug)]
+pub struct TelemetryJob {
+    pub device_pk: i64,
+    pub msg_id: String,
+    pub points: Vec<Point>,
+    pub received_at: i64,
+    pub done: oneshot::Sender<bool>,
+}
+
+/// A unit of work for the writer.
+#[derive(Debug)]
+pub enum WriteJob {
+    Telemetry(TelemetryJob),
+    SessionStart(SessionStart),
+    SessionEnd(SessionEnd),
+}
+
+impl WriteJob {
+    fn rows(&self) -> usize {
+        match self {
+            WriteJob::Telemetry(t) => t.points.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// How the writer batches.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    pub max_rows: usize,
+    pub max_delay: Duration,
+    pub queue: usize,
+}
+
+/// The sending side, cloned into every session.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<WriteJob>,
+}
+
+impl Writer {
+    /// Starts the writer task; it ends once every `Writer` clone is dropped and the queue is empty.
+    pub fn spawn(store: Store, config: WriterConfig) -> (Writer, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.queue);
+        let task = tokio::spawn(run(store, config, rx));
+        (Writer { tx }, task)
+    }
+
+    /// Queues a job, waiting while the queue is full (this is the backpressure).
+    pub async fn submit(&self, job: WriteJob) -> Result<(), StoreError> {
+        self.tx.send(job).await.map_err(|_| StoreError::WriterGone)
+    }
+}
+
+async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob>) {
+    let mut batch: Vec<WriteJob> = Vec::new();
+    let mut payload: Vec<u8> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut rows = first.rows();
+        batch.push(first);
+        let deadline = Instant::now() + config.max_delay;
+        while rows < config.max_rows {
+            let next = match rx.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::error::TryRecvError::Empty) if !config.max_delay.is_zero() => {
+                    tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                Err(_) => None,
+            };
+            let Some(job) = next else { break };
+            rows += job.rows();
+            batch.push(job);
+        }
+        let started = Instant::now();
+        let outcome = commit(&store, &batch, &mut payload).await;
+        let ok = match &outcome {
+            Ok(()) => {
+                tracing::trace!(
+                    rows,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "batch committed"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, rows, "batch commit failed; nothing in it was acked");
+                false
+            }
+        };
+        for job in batch.drain(..) {
+            if let WriteJob::Telemetry(t) = job {
+                // The session may be gone; its device will resend.
+                let _ = t.done.send(ok);
+            }
+        }
+    }
+    tracing::debug!("telemetry writer stopped");
+}
+
+/// Serialises the batch's telemetry as one JSON array of rows.
+fn encode_rows(batch: &[WriteJob], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    out.push(b'[');
+    let mut n = 0;
+    for job in batch {
+        let WriteJob::Telemetry(t) = job else {
+            continue;
+        };
+        let id = serde_json::to_string(&t.msg_id).expect("strings serialize");
+        for (seq, p) in t.points.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            let ts = p.ts.unwrap_or(t.received_at);
+            let _ = write!(
+                out,
+                "[{},{},{},{},{},{}]",
+                t.device_pk,
+                id,
+                seq,
+                ts,
+                t.received_at,
+                p.data.get()
+            );
+            n += 1;
+        }
+    }
+    out.push(b']');
+    n
+}
+
+async fn commit(
+    store: &Store,
+    batch: &[WriteJob],
+    payload: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    let rows = encode_rows(batch, payload);
+    let mut tx = store.begin_write().await?;
+    if rows > 0 {
+        let json = std::str::from_utf8(payload).expect("JSON built from UTF-8 parts");
+        insert_batch(&mut tx, json).await?;
+    }
+    for job in batch {
+        match job {
+            WriteJob::SessionStart(s) => record_start(&mut tx, s).await?,
+            WriteJob::SessionEnd(e) => record_end(&mut tx, e).await?,
+            WriteJob::Telemetry(_) => {}
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn job(
+        pk: i64,
+        id: &str,
+        points: &[(Option<i64>, &str)],
+    ) -> (WriteJob, oneshot::Receiver<bool>) {
+        let (done, rx) = oneshot::channel();
+        let points = points
+            .iter()
+            .map(|(ts, data)| Point {
+                ts: *ts,
+                data: RawValue::from_string(data.to_string()).unwrap(),
+            })
+            .collect();
+        let job = WriteJob::Telemetry(TelemetryJob {
+            device_pk: pk,
+            msg_id: id.to_string(),
+            points,
+            received_at: 5000,
+            done,
+        });
+        (job, rx)
+    }
+
+    #[test]
+    fn rows_are_encoded_with_seq_and_receive_time_default() {
+        let (a, _) = job(1, "m\"1", &[(Some(10), r#"{"t":1}"#), (None, r#"{"t":2}"#)]);
+        let mut out = Vec::new();
+        assert_eq!(encode_rows(&[a], &mut out), 2);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"[[1,"m\"1",0,10,5000,{"t":1}],[1,"m\"1",1,5000,5000,{"t":2}]]"#
+        );
+    }
+
+    #[tokio::test]
+    async fn commits_then_acks_and_stores_duplicates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        let store = Store::open(&url, crate::config::Synchronous::Full)
+            .await
+            .unwrap();
+        let (writer, task) = Writer::spawn(
+            store.clone(),
+            WriterConfig {
+                max_rows: 100,
+                max_delay: Duration::ZERO,
+                queue: 16,
+            },
+        );
+        let mut waits = Vec::new();
+        for _ in 0..3 {
+            let (j, rx) = job(
+                7,
+                "same",
+                &[(Some(1), r#"{"v":1}"#), (Some(2), r#"{"v":2}"#)],
+            );
+            writer.submit(j).await.unwrap();
+            waits.push(rx);
+        }
+        for rx in waits {
+            assert!(rx.await.unwrap(), "acked after commit");
+        }
+        let rows = store
+            .query_telemetry(&super::super::telemetry::RangeQuery {
+                device_pk: 7,
+                from: 0,
+                to: i64::MAX,
+                descending: false,
+                after: None,
+                limit: 100,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2, "a re-sent id is stored once");
+        assert_eq!(rows[0].data, r#"{"v":1}"#);
+        assert_eq!((rows[0].seq, rows[1].seq), (0, 1));
+        drop(writer);
+        task.await.unwrap();
+    }
+}

@@ -1,0 +1,234 @@
+//! TLS: the rustls `ServerConfig`, built once, from configured PEM files or a generated development CA.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::Datelike;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no usable PEM private key found")]
+    NoKey { path: PathBuf },
+    #[error("cannot write development certificates to {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot generate development certificates: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid certificate or key: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// File names of the development certificates inside the certs folder.
+pub const DEV_CA_CERT: &str = "ca.pem";
+const DEV_CA_KEY: &str = "ca-key.pem";
+const DEV_SERVER_CERT: &str = "server.pem";
+const DEV_SERVER_KEY: &str = "server-key.pem";
+
+/// A certificate chain and its key, as PEM file paths.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA devices must trust, when the gateway generated it.
+    pub dev_ca: Option<PathBuf>,
+}
+
+/// Uses the configured files, or generates a development CA and server certificate in `certs_dir`
+/// (reused on later starts).
+pub fn resolve_cert_files(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    certs_dir: &Path,
+) -> Result<CertFiles, TlsError> {
+    if let (Some(cert), Some(key)) = (cert, key) {
+        return Ok(CertFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            dev_ca: None,
+        });
+    }
+    let files = CertFiles {
+        cert: certs_dir.join(DEV_SERVER_CERT),
+        key: certs_dir.join(DEV_SERVER_KEY),
+        dev_ca: Some(certs_dir.join(DEV_CA_CERT)),
+    };
+    let complete = [DEV_CA_CERT, DEV_CA_KEY, DEV_SERVER_CERT, DEV_SERVER_KEY]
+        .iter()
+        .all(|f| certs_dir.join(f).is_file());
+    if !complete {
+        generate_dev_certs(certs_dir)?;
+        tracing::info!(dir = %certs_dir.display(), "generated a development CA and server certificate");
+    }
+    Ok(files)
+}
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
+    let err = |source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::write(path, contents).map_err(err)?;
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    Ok(())
+}
+
+/// Generates `ca.pem`, `ca-key.pem`, `server.pem` and `server-key.pem` (ECDSA P-256).
+pub fn generate_dev_certs(dir: &Path) -> Result<(), TlsError> {
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let year = chrono::Utc::now().year();
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "iot-gateway development CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    ca_params.not_after = rcgen::date_time_ymd(year + 10, 1, 1);
+    let ca_key = KeyPair::generate()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+
+    let mut names = vec!["localhost".to_string()];
+    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && host != "localhost" {
+            names.push(host.to_string());
+        }
+    }
+    let mut server_params = CertificateParams::new(names)?;
+    for ip in ["127.0.0.1", "::1"] {
+        server_params
+            .subject_alt_names
+            .push(SanType::IpAddress(ip.parse().expect("literal IP")));
+    }
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "iot-gateway development server");
+    server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server_params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    server_params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
+    let server_key = KeyPair::generate()?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_cert = server_params.signed_by(&server_key, &issuer)?;
+
+    write_file(&dir.join(DEV_CA_KEY), &issuer.key().serialize_pem(), true)?;
+    write_file(&dir.join(DEV_CA_CERT), &ca_cert.pem(), false)?;
+    write_file(&dir.join(DEV_SERVER_KEY), &server_key.serialize_pem(), true)?;
+    // The chain: server certificate first, then the CA.
+    let chain = format!("{}{}", server_cert.pem(), ca_cert.pem());
+    write_file(&dir.join(DEV_SERVER_CERT), &chain, false)?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Reads every certificate of a PEM chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoKey {
+        path: path.to_owned(),
+    })
+}
+
+/// The ring crypto provider, the only one compiled in.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the server configuration: TLS 1.2 and 1.3 only, HTTP/1.1 via ALPN when asked.
+pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_dev_certs_load_and_are_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let files = resolve_cert_files(None, None, &certs).unwrap();
+        assert_eq!(
+            files.dev_ca.as_deref(),
+            Some(certs.join("ca.pem").as_path())
+        );
+        server_config(&files).unwrap();
+        let first = std::fs::read(&files.cert).unwrap();
+        let again = resolve_cert_files(None, None, &certs).unwrap();
+        assert_eq!(
+            std::fs::read(&again.cert).unwrap(),
+            first,
+            "reused, not regenerated"
+        );
+        assert_eq!(
+            load_certs(&files.cert).unwrap().len(),
+            2,
+            "chain holds the CA"
+        );
+    }
+
+    #[test]
+    fn configured_files_are_used_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = resolve_cert_files(
+            Some(&dir.path().join("c.pem")),
+            Some(&dir.path().join("k.pem")),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(files.dev_ca.is_none());
+        assert!(matches!(server_config(&files), Err(TlsError::Read { .. })));
+    }
+}
