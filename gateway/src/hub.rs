@@ -42,6 +42,8 @@ impl CloseOrder {
 #[derive(Debug)]
 pub struct SessionHandle {
     pub session_id: String,
+    /// When the session was established (epoch ms).
+    pub connected_at: i64,
     last_seen: AtomicI64,
     close: OnceLock<CloseOrder>,
     closed: Notify,
@@ -52,6 +54,7 @@ impl SessionHandle {
     pub fn new(session_id: String, now: i64) -> Arc<SessionHandle> {
         Arc::new(SessionHandle {
             session_id,
+            connected_at: now,
             last_seen: AtomicI64::new(now),
             close: OnceLock::new(),
             closed: Notify::new(),

@@ -35,9 +35,13 @@ fn opt_time(ms: Option<i64>) -> Value {
 /// The device as the API shows it, with presence from the hub.
 fn device_json(state: &ApiState, row: &DeviceRow) -> Value {
     let live = state.hub.get(&row.id);
-    let last_seen = match &live {
-        Some(h) => Some(h.last_seen().max(row.last_seen_at.unwrap_or(0))),
-        None => row.last_seen_at,
+    // A live session knows more than the row: the writer records presence asynchronously.
+    let (last_connected, last_seen) = match &live {
+        Some(h) => (
+            Some(h.connected_at.max(row.last_connected_at.unwrap_or(0))),
+            Some(h.last_seen().max(row.last_seen_at.unwrap_or(0))),
+        ),
+        None => (row.last_connected_at, row.last_seen_at),
     };
     let metadata = RawValue::from_string(row.metadata.clone())
         .ok()
@@ -50,7 +54,7 @@ fn device_json(state: &ApiState, row: &DeviceRow) -> Value {
         "enabled": row.enabled,
         "online": live.is_some(),
         "created_at": format_ms(row.created_at),
-        "last_connected_at": opt_time(row.last_connected_at),
+        "last_connected_at": opt_time(last_connected),
         "last_disconnected_at": opt_time(row.last_disconnected_at),
         "last_seen_at": opt_time(last_seen),
         "last_disconnect_reason": row.last_disconnect_reason,

@@ -138,9 +138,6 @@ where
         if let Some((code, text)) = ending.close {
             self.close(code, text).await;
         }
-        self.ctx
-            .hub
-            .unregister(&self.me.device_id, &self.me.session_id);
         let end = SessionEnd {
             session_id: self.me.session_id.clone(),
             device_pk: self.me.device_pk,
@@ -148,7 +145,21 @@ where
             reason: ending.reason,
             last_seen_at: self.handle.last_seen(),
         };
-        let _ = self.ctx.writer.submit(WriteJob::SessionEnd(end)).await;
+        // Leave the hub once the end is recorded, so `online: false` always comes
+        // with its `last_disconnected_at`.
+        let (done, recorded) = oneshot::channel();
+        if self
+            .ctx
+            .writer
+            .submit(WriteJob::SessionEnd(end, done))
+            .await
+            .is_ok()
+        {
+            let _ = recorded.await;
+        }
+        self.ctx
+            .hub
+            .unregister(&self.me.device_id, &self.me.session_id);
         tracing::debug!(reason = ending.reason, "device disconnected");
     }
 
@@ -226,11 +237,8 @@ where
                 "binary frames are not accepted",
                 "protocol_error",
             )),
-            Message::Close(_) => Some(Ending {
-                close: None,
-                reason: "client_closed",
-            }),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+            // tungstenite queues the close reply; the next read sends it and ends the stream.
+            Message::Close(_) | Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
         }
     }
 

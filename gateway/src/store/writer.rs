@@ -33,7 +33,8 @@ pub struct TelemetryJob {
 pub enum WriteJob {
     Telemetry(TelemetryJob),
     SessionStart(SessionStart),
-    SessionEnd(SessionEnd),
+    /// `done` learns when the end is recorded, so the session leaves the hub only then.
+    SessionEnd(SessionEnd, oneshot::Sender<bool>),
 }
 
 impl WriteJob {
@@ -112,9 +113,15 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob
             }
         };
         for job in batch.drain(..) {
-            if let WriteJob::Telemetry(t) = job {
-                // The session may be gone; its device will resend.
-                let _ = t.done.send(ok);
+            // A receiver may be gone (its session ended); its device will resend.
+            match job {
+                WriteJob::Telemetry(t) => {
+                    let _ = t.done.send(ok);
+                }
+                WriteJob::SessionEnd(_, done) => {
+                    let _ = done.send(ok);
+                }
+                WriteJob::SessionStart(_) => {}
             }
         }
     }
@@ -167,7 +174,7 @@ async fn commit(
     for job in batch {
         match job {
             WriteJob::SessionStart(s) => record_start(&mut tx, s).await?,
-            WriteJob::SessionEnd(e) => record_end(&mut tx, e).await?,
+            WriteJob::SessionEnd(e, _) => record_end(&mut tx, e).await?,
             WriteJob::Telemetry(_) => {}
         }
     }
