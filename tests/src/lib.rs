@@ -1,0 +1,23 @@
+//! End-to-end test fixtures: the real `gateway` binary, real TLS, real WebSockets, a real SQLite file.
+//!
+//! # Layout
+//! - [`gateway`]: build the binary once per test run, start it on free ports in a
+//!   fresh directory, kill or terminate it, restart it on the same data.
+//! - [`api`]: a small client for the operator HTTP API.
+//! - [`device`]: a WebSocket device client over rustls that trusts the gateway's
+//!   development CA, and sees handshake refusals as status + JSON body.
+//! - [`checks`]: assertions shared by the tests (error bodies, time formats, polling).
+
+pub mod api;
+pub mod checks;
+pub mod device;
+pub mod gateway;
+
+pub use api::{Api, Resp};
+pub use checks::{
+    assert_api_error, assert_close_to_now, assert_error_body, assert_rfc3339_ms, eventually,
+    fmt_ms, random_token, time_field, unique_id,
+};
+pub use device::{ConnectRequest, Device, Event, Handshake, RawConn, Refusal};
+pub use gateway::{Gateway, Options, Stopped};
+pub use serde_json::{json, Value};
