@@ -9,6 +9,7 @@
 //!   auth), `session` (one task per device), `protocol` (message types and validation),
 //!   `limits` (admission and rate limits).
 //! - [`hub`]: who is online: device id -> handle of its live session.
+//! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`store`]: the database: pools and migrations, one file per table family, and the
 //!   batching `writer` that commits telemetry (group commit) before it is acked.
 //! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod config;
 pub mod device;
 pub mod hub;
+pub mod metrics;
 pub mod shutdown;
 pub mod store;
 pub mod time;

@@ -6,6 +6,17 @@ use serde_json::{json, Value};
 
 use super::{ApiError, ApiState};
 
+/// `GET /metrics`: Prometheus text format, no auth.
+pub async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::METRICS.render(),
+    )
+}
+
 /// `GET /healthz`: the process is up.
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))

@@ -17,6 +17,7 @@ use super::handshake::{self, Refusal};
 use super::limits::Refused;
 use super::session::{Identity, Session};
 use super::DeviceContext;
+use crate::metrics::METRICS;
 
 /// Accepts device connections until shutdown; each runs in its own tracked task.
 pub async fn serve(
@@ -58,10 +59,12 @@ async fn handle(
             let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
+                    METRICS.handshake("tls_failed");
                     tracing::debug!(error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
+                    METRICS.handshake("timeout");
                     tracing::debug!("TLS handshake timed out");
                     return;
                 }
@@ -84,6 +87,7 @@ where
                 Refused::PerIp => Refusal::too_many("too many connections from this address", 10),
                 _ => Refusal::unavailable("the gateway is at its connection limit", 5),
             };
+            METRICS.handshake(refusal.error);
             handshake::refuse(&mut stream, &refusal).await;
             return;
         }
@@ -98,10 +102,12 @@ where
                 error = refusal.error,
                 "upgrade refused"
             );
+            METRICS.handshake(refusal.error);
             handshake::refuse(&mut stream, &refusal).await;
             return;
         }
         Err(_) => {
+            METRICS.handshake("timeout");
             tracing::debug!("upgrade timed out");
             return;
         }
@@ -118,6 +124,7 @@ where
     } else {
         WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(config)).await
     };
+    METRICS.handshake("ok");
     let identity = Identity {
         device_pk,
         device_id,

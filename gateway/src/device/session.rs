@@ -19,6 +19,7 @@ use super::limits::TokenBucket;
 use super::protocol::{self, ErrorCode, Inbound, Limits, Outbound};
 use super::DeviceContext;
 use crate::hub::{CloseOrder, SessionHandle};
+use crate::metrics::{Reason, METRICS};
 use crate::store::sessions::{SessionEnd, SessionStart};
 use crate::store::writer::{TelemetryJob, WriteJob};
 use crate::time::now_ms;
@@ -129,6 +130,7 @@ where
             auth: self.me.auth,
         };
         let _ = self.ctx.writer.submit(WriteJob::SessionStart(start)).await;
+        METRICS.connections.inc();
         tracing::debug!("device connected");
 
         let ending = match self.welcome().await {
@@ -160,6 +162,13 @@ where
         self.ctx
             .hub
             .unregister(&self.me.device_id, &self.me.session_id);
+        METRICS.connections.dec();
+        METRICS
+            .disconnects
+            .get_or_create(&Reason {
+                reason: ending.reason,
+            })
+            .inc();
         tracing::debug!(reason = ending.reason, "device disconnected");
     }
 
@@ -246,6 +255,8 @@ where
         let inbound = match protocol::parse(text) {
             Ok(m) => m,
             Err(invalid) => {
+                METRICS.message("invalid");
+                METRICS.rejection("invalid_message");
                 self.invalid_streak += 1;
                 let sent = self
                     .send_error(
@@ -266,8 +277,13 @@ where
         };
         self.invalid_streak = 0;
         let result = match inbound {
-            Inbound::Telemetry { id, points } => self.on_telemetry(id, points).await,
+            Inbound::Telemetry { id, points } => {
+                METRICS.message("telemetry");
+                self.on_telemetry(id, points).await
+            }
             Inbound::Ack { id } | Inbound::CommandResult { id, .. } => {
+                METRICS.message("command_answer");
+                METRICS.rejection("unknown_command");
                 self.send_error(
                     Some(&id),
                     ErrorCode::UnknownCommand,
@@ -285,6 +301,7 @@ where
         points: Vec<protocol::Point>,
     ) -> Result<(), WsError> {
         if !self.bucket.try_take(Instant::now()) {
+            METRICS.rejection("rate_limited");
             return self
                 .send_error(
                     Some(&id),
@@ -363,6 +380,11 @@ where
 }
 
 fn ack_message(id: &str, ok: bool) -> Message {
+    if ok {
+        METRICS.acks.inc();
+    } else {
+        METRICS.rejection("internal");
+    }
     let text = if ok {
         Outbound::Ack { id }.to_json()
     } else {

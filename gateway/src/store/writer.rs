@@ -17,6 +17,7 @@ use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
 use super::telemetry::insert_batch;
 use super::{Store, StoreError};
 use crate::device::protocol::Point;
+use crate::metrics::METRICS;
 
 /// Telemetry to commit; `done` receives `true` once it is durable, `false` if the commit failed.
 #[derive(Debug)]
@@ -98,8 +99,12 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob
         }
         let started = Instant::now();
         let outcome = commit(&store, &batch, &mut payload).await;
+        METRICS
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         let ok = match &outcome {
             Ok(()) => {
+                METRICS.batch_rows.observe(rows as f64);
                 tracing::trace!(
                     rows,
                     elapsed_us = started.elapsed().as_micros() as u64,
@@ -108,6 +113,7 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob
                 true
             }
             Err(e) => {
+                METRICS.commit_failures.inc();
                 tracing::error!(error = %e, rows, "batch commit failed; nothing in it was acked");
                 false
             }

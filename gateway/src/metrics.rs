@@ -1,0 +1,161 @@
+//! Prometheus metrics: counters and histograms updated on the hot paths, rendered at `/metrics`.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A label with one static value (`outcome`, `type`, `reason`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+/// Label for message types.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub r#type: &'static str,
+}
+
+/// Label for rejection and disconnect reasons.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    pub connections: Gauge,
+    pub handshakes: Family<Outcome, Counter>,
+    pub messages: Family<Kind, Counter>,
+    pub acks: Counter,
+    pub rejections: Family<Reason, Counter>,
+    pub disconnects: Family<Reason, Counter>,
+    pub batch_rows: Histogram,
+    pub commit_seconds: Histogram,
+    pub commit_failures: Counter,
+    registry: Registry,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let connections = Gauge::default();
+        let handshakes = Family::<Outcome, Counter>::default();
+        let messages = Family::<Kind, Counter>::default();
+        let acks = Counter::default();
+        let rejections = Family::<Reason, Counter>::default();
+        let disconnects = Family::<Reason, Counter>::default();
+        let batch_rows = Histogram::new(exponential_buckets(1.0, 4.0, 8));
+        let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let commit_failures = Counter::default();
+        let mut r = Registry::with_prefix("gateway");
+        r.register(
+            "connections",
+            "Device connections open now",
+            connections.clone(),
+        );
+        r.register(
+            "handshakes",
+            "Device handshakes by outcome",
+            handshakes.clone(),
+        );
+        r.register(
+            "messages",
+            "Device messages received by type",
+            messages.clone(),
+        );
+        r.register(
+            "telemetry_acks",
+            "Telemetry messages acked after commit",
+            acks.clone(),
+        );
+        r.register(
+            "rejections",
+            "Device messages refused, by reason",
+            rejections.clone(),
+        );
+        r.register(
+            "disconnects",
+            "Device sessions ended, by reason",
+            disconnects.clone(),
+        );
+        r.register(
+            "batch_rows",
+            "Telemetry rows per committed batch",
+            batch_rows.clone(),
+        );
+        r.register(
+            "commit_seconds",
+            "Time to commit one batch",
+            commit_seconds.clone(),
+        );
+        r.register(
+            "commit_failures",
+            "Batches whose commit failed",
+            commit_failures.clone(),
+        );
+        Metrics {
+            connections,
+            handshakes,
+            messages,
+            acks,
+            rejections,
+            disconnects,
+            batch_rows,
+            commit_seconds,
+            commit_failures,
+            registry: r,
+        }
+    }
+
+    /// Counts a handshake outcome.
+    pub fn handshake(&self, outcome: &'static str) {
+        self.handshakes.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// Counts a received message by type.
+    pub fn message(&self, kind: &'static str) {
+        self.messages.get_or_create(&Kind { r#type: kind }).inc();
+    }
+
+    /// Counts a refused message by reason.
+    pub fn rejection(&self, reason: &'static str) {
+        self.rejections.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        METRICS.handshake("ok");
+        METRICS.message("telemetry");
+        let text = METRICS.render();
+        assert!(text.contains("# TYPE gateway_handshakes counter"), "{text}");
+        assert!(
+            text.contains("gateway_handshakes_total{outcome=\"ok\"}"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gateway_messages_total{type=\"telemetry\"}"),
+            "{text}"
+        );
+    }
+}
