@@ -1,0 +1,353 @@
+//! The operator API, as far as provisioning needs it: create devices and rotate tokens,
+//! many requests at a time.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde::Deserialize;
+
+use crate::backoff::Backoff;
+use crate::tokens::Secret;
+
+/// Requests in flight at once while provisioning.
+pub const CONCURRENCY: usize = 32;
+
+const ATTEMPTS: u32 = 6;
+
+/// A client of the operator API.
+pub struct Api {
+    client: reqwest::Client,
+    base: String,
+    key: Secret,
+}
+
+/// A failed API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("HTTP {status} {code}: {message}")]
+    Status {
+        status: u16,
+        code: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("request failed: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("unexpected response: {0}")]
+    BadBody(String),
+}
+
+impl ApiError {
+    fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Status { status, .. } => matches!(status, 429 | 500..=599),
+            ApiError::Transport(e) => e.is_connect() || e.is_timeout(),
+            ApiError::BadBody(_) => false,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenBody {
+    token: String,
+}
+
+#[derive(Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// What creating a device gave.
+enum Created {
+    Token(String),
+    AlreadyExists,
+}
+
+impl Api {
+    /// A client for the API at `base` (e.g. `http://127.0.0.1:8080/v1`).
+    pub fn new(base: &str, key: Secret) -> Result<Api> {
+        if !base.starts_with("http://") {
+            bail!("--api-url `{base}` must be http:// (device-sim talks plain HTTP to the loopback operator API)");
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .pool_max_idle_per_host(CONCURRENCY)
+            .build()?;
+        Ok(Api {
+            client,
+            base: base.trim_end_matches('/').to_owned(),
+            key,
+        })
+    }
+
+    async fn create_device(&self, id: &str) -> Result<Created, ApiError> {
+        let body = serde_json::json!({"id": id, "name": id, "metadata": {"simulated": true}});
+        let response = self
+            .client
+            .post(format!("{}/devices", self.base))
+            .bearer_auth(self.key.expose())
+            .json(&body)
+            .send()
+            .await?;
+        match response.status() {
+            StatusCode::CREATED | StatusCode::OK => Ok(Created::Token(token_of(response).await?)),
+            StatusCode::CONFLICT => Ok(Created::AlreadyExists),
+            _ => Err(status_error(response).await),
+        }
+    }
+
+    async fn rotate_token(&self, id: &str) -> Result<String, ApiError> {
+        let response = self
+            .client
+            .post(format!("{}/devices/{id}/token", self.base))
+            .bearer_auth(self.key.expose())
+            .send()
+            .await?;
+        match response.status() {
+            StatusCode::OK | StatusCode::CREATED => token_of(response).await,
+            _ => Err(status_error(response).await),
+        }
+    }
+}
+
+async fn token_of(response: reqwest::Response) -> Result<String, ApiError> {
+    let status = response.status();
+    let body: TokenBody = response
+        .json()
+        .await
+        .map_err(|e| ApiError::BadBody(format!("HTTP {status} without a token ({e})")))?;
+    if body.token.is_empty() {
+        return Err(ApiError::BadBody(format!(
+            "HTTP {status} with an empty token"
+        )));
+    }
+    Ok(body.token)
+}
+
+async fn status_error(response: reqwest::Response) -> ApiError {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_secs);
+    let body: ErrorBody = response.json().await.unwrap_or_default();
+    ApiError::Status {
+        status,
+        code: body.error,
+        message: body.message,
+        retry_after,
+    }
+}
+
+/// Calls `call` until it succeeds, fails for good, or runs out of attempts.
+async fn with_retries<T, F, Fut>(mut call: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
+                let jitter = backoff.next_delay(&mut rand::thread_rng());
+                tokio::time::sleep(e.retry_after().unwrap_or(jitter)).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// The outcome of provisioning a set of devices.
+#[derive(Debug, Default)]
+pub struct Provisioned {
+    /// New tokens, by device id.
+    pub tokens: Vec<(String, String)>,
+    /// Devices created.
+    pub created: usize,
+    /// Devices that already existed and got a new token.
+    pub rotated: usize,
+    /// Devices that could not be provisioned, with why.
+    pub failures: Vec<(String, ApiError)>,
+}
+
+/// Creates each device (or, when it exists already, rotates its token), `CONCURRENCY` at a time.
+pub async fn provision(api: &Api, ids: &[&str]) -> Provisioned {
+    let results: Vec<_> = futures_util::stream::iter(ids)
+        .map(|id| async move { (*id, provision_one(api, id).await) })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await;
+    let mut outcome = Provisioned::default();
+    for (id, result) in results {
+        match result {
+            Ok((token, rotated)) => {
+                if rotated {
+                    outcome.rotated += 1;
+                } else {
+                    outcome.created += 1;
+                }
+                outcome.tokens.push((id.to_owned(), token));
+            }
+            Err(e) => outcome.failures.push((id.to_owned(), e)),
+        }
+    }
+    outcome
+}
+
+async fn provision_one(api: &Api, id: &str) -> Result<(String, bool), ApiError> {
+    match with_retries(|| api.create_device(id)).await? {
+        Created::Token(token) => Ok((token, false)),
+        // Its token is not in our file, so the only way to get one is a new one.
+        Created::AlreadyExists => Ok((with_retries(|| api.rotate_token(id)).await?, true)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::{Path, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use serde_json::{json, Value};
+
+    /// A stand-in for the gateway's device registry: id -> current token.
+    #[derive(Clone, Default)]
+    struct Registry {
+        devices: Arc<Mutex<HashMap<String, String>>>,
+        busy_once: Arc<Mutex<bool>>,
+    }
+
+    fn authorized(headers: &HeaderMap) -> bool {
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer key-1")
+    }
+
+    async fn create(
+        State(registry): State<Registry>,
+        headers: HeaderMap,
+        Json(body): Json<Value>,
+    ) -> Response {
+        if !authorized(&headers) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({"error": "unauthorized"})),
+            )
+                .into_response();
+        }
+        {
+            // One transient refusal, to exercise the retry.
+            let mut busy = registry.busy_once.lock().unwrap();
+            if *busy {
+                *busy = false;
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "0")],
+                    Json(json!({"error": "rate_limited"})),
+                )
+                    .into_response();
+            }
+        }
+        let id = body["id"].as_str().unwrap().to_owned();
+        let mut devices = registry.devices.lock().unwrap();
+        if devices.contains_key(&id) {
+            return (StatusCode::CONFLICT, Json(json!({"error": "conflict"}))).into_response();
+        }
+        let token = format!("tok-{id}");
+        devices.insert(id.clone(), token.clone());
+        (StatusCode::CREATED, Json(json!({"id": id, "token": token}))).into_response()
+    }
+
+    async fn rotate(
+        State(registry): State<Registry>,
+        headers: HeaderMap,
+        Path(id): Path<String>,
+    ) -> Response {
+        if !authorized(&headers) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        let token = format!("rotated-{id}");
+        registry.devices.lock().unwrap().insert(id, token.clone());
+        Json(json!({"token": token})).into_response()
+    }
+
+    async fn serve(registry: Registry) -> String {
+        let app = Router::new()
+            .route("/v1/devices", post(create))
+            .route("/v1/devices/{id}/token", post(rotate))
+            .with_state(registry);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/v1")
+    }
+
+    #[tokio::test]
+    async fn creates_new_devices_and_rotates_existing_ones() {
+        let registry = Registry::default();
+        registry
+            .devices
+            .lock()
+            .unwrap()
+            .insert("sim-00002".into(), "lost".into());
+        *registry.busy_once.lock().unwrap() = true;
+        let api = Api::new(
+            &serve(registry.clone()).await,
+            Secret::from("key-1".to_string()),
+        )
+        .unwrap();
+
+        let mut outcome = provision(&api, &["sim-00001", "sim-00002", "sim-00003"]).await;
+
+        assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+        assert_eq!((outcome.created, outcome.rotated), (2, 1));
+        outcome.tokens.sort();
+        assert_eq!(
+            outcome.tokens,
+            [
+                ("sim-00001".to_string(), "tok-sim-00001".to_string()),
+                ("sim-00002".to_string(), "rotated-sim-00002".to_string()),
+                ("sim-00003".to_string(), "tok-sim-00003".to_string()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_fails_without_retrying() {
+        let api = Api::new(
+            &serve(Registry::default()).await,
+            Secret::from("wrong".to_string()),
+        )
+        .unwrap();
+        let outcome = provision(&api, &["sim-00001"]).await;
+        assert_eq!(outcome.tokens.len(), 0);
+        assert!(matches!(
+            outcome.failures[0].1,
+            ApiError::Status { status: 401, .. }
+        ));
+    }
+
+    #[test]
+    fn https_api_urls_are_refused_up_front() {
+        assert!(Api::new("https://127.0.0.1:8080/v1", Secret::from("k".to_string())).is_err());
+    }
+}

@@ -1,0 +1,204 @@
+//! Command-line interface: the options every subcommand shares and one struct per subcommand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::tokens::Secret;
+
+/// Simulated IoT devices for the gateway: a demo fleet, a load generator and a connection holder.
+#[derive(Debug, Parser)]
+#[command(name = "device-sim", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the gateway is and who the simulated devices are.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Common options")]
+pub struct Common {
+    /// Device endpoint of the gateway (`wss://` or `ws://`).
+    #[arg(
+        long,
+        env = "DEVICE_SIM_URL",
+        default_value = "wss://127.0.0.1:8443/v1/connect",
+        global = true
+    )]
+    pub url: String,
+
+    /// PEM file of the CA that signed the gateway's certificate (for `wss://`).
+    #[arg(long, default_value = "certs/ca.pem", global = true)]
+    pub ca: PathBuf,
+
+    /// Base URL of the operator API (plain http).
+    #[arg(
+        long,
+        env = "GATEWAY_API_URL",
+        default_value = "http://127.0.0.1:8080/v1",
+        global = true
+    )]
+    pub api_url: String,
+
+    /// Operator API key (needed only with --provision); prefer the environment variable.
+    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true, global = true)]
+    pub api_key: Option<Secret>,
+
+    /// JSON file mapping device ids to their tokens.
+    #[arg(long, default_value = "data/sim-tokens.json", global = true)]
+    pub tokens: PathBuf,
+
+    /// Create the devices through the operator API first (tokens already in the file are reused).
+    #[arg(long, global = true)]
+    pub provision: bool,
+
+    /// Device ids are `{prefix}-{n:05}`, n counting from 1.
+    #[arg(long, default_value = "sim", global = true)]
+    pub prefix: String,
+
+    /// Connection attempts (TLS + WebSocket handshakes) in progress at once.
+    #[arg(long, default_value_t = 200, global = true)]
+    pub connect_concurrency: usize,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a fleet that sends telemetry and answers commands, reconnecting as real devices do.
+    Run(RunArgs),
+    /// Measure acked telemetry throughput and ack latency with a fixed number of messages in flight.
+    Bench(BenchArgs),
+    /// Open many connections, report how long they took, and hold them open.
+    Idle(IdleArgs),
+    /// Only create the devices and write the tokens file.
+    Provision(ProvisionArgs),
+}
+
+/// Options of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Number of devices.
+    #[arg(long, default_value_t = 10)]
+    pub devices: usize,
+    /// Telemetry messages per second per device (0: none).
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Number of devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Telemetry messages each device keeps in flight (sent, not yet acked).
+    #[arg(long, default_value_t = 8)]
+    pub inflight: usize,
+    /// Length of the measurement window.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Load before the measurement window starts.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Approximate size of each telemetry message, in bytes of JSON.
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
+    /// Print the results as one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `idle`.
+#[derive(Debug, Args)]
+pub struct IdleArgs {
+    /// Number of connections.
+    #[arg(long, default_value_t = 5000)]
+    pub devices: usize,
+    /// How long to hold the connections once all are open.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub hold: Duration,
+    /// Do not stop when stdin closes (for running with stdin at /dev/null).
+    #[arg(long)]
+    pub ignore_stdin: bool,
+}
+
+/// Options of `provision`.
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// Number of devices.
+    #[arg(long)]
+    pub devices: usize,
+}
+
+/// Parses `500ms`, `30s`, `2m`, `1h` or a plain (possibly fractional) number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (try 500ms, 30s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{text}` (use ms, s, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_and_without_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("20"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    }
+
+    #[test]
+    fn bad_durations_are_refused() {
+        for bad in ["", "s", "10x", "-1s", "1.2.3s", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn common_options_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "bench",
+            "--devices",
+            "3",
+            "--url",
+            "ws://127.0.0.1:1/v1/connect",
+        ])
+        .unwrap();
+        assert_eq!(cli.common.url, "ws://127.0.0.1:1/v1/connect");
+        assert!(matches!(
+            cli.command,
+            Command::Bench(BenchArgs { devices: 3, .. })
+        ));
+    }
+}

@@ -1,0 +1,440 @@
+//! Opening one device connection: TCP, TLS when the URL says `wss`, the WebSocket upgrade with
+//! the device's token, then the gateway's `welcome`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::header::{
+    HeaderValue, AUTHORIZATION, RETRY_AFTER, SEC_WEBSOCKET_PROTOCOL,
+};
+use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::proto::{self, Incoming, Welcome};
+use crate::tls;
+use crate::tokens::Secret;
+
+/// An open device connection.
+pub type Ws = WebSocketStream<Transport>;
+
+/// Close codes after which a device must not reconnect on its own.
+pub const FINAL_CLOSE_CODES: [u16; 2] = [4001, 4003];
+
+/// Where devices connect, resolved once for the whole fleet.
+pub struct Target {
+    uri: Uri,
+    addr: SocketAddr,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl Target {
+    /// Parses the device URL, resolves its host and, for `wss://`, loads the CA.
+    pub async fn resolve(url: &str, ca: &Path) -> Result<Target> {
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("--url `{url}` is not a URL"))?;
+        let secure = match uri.scheme_str() {
+            Some("wss") => true,
+            Some("ws") => false,
+            _ => bail!("--url `{url}` must start with wss:// or ws://"),
+        };
+        let host = uri.host().context("--url has no host")?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .with_context(|| format!("resolving {host}"))?
+            .next()
+            .with_context(|| format!("{host} has no address"))?;
+        let tls = match secure {
+            true => {
+                // rustls checks IP addresses against the certificate's IP SANs, names against DNS SANs.
+                let name = ServerName::try_from(host.to_owned())
+                    .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
+                Some((tls::connector(ca)?, name))
+            }
+            false => None,
+        };
+        Ok(Target { uri, addr, tls })
+    }
+
+    /// The device URL, for messages.
+    pub fn url(&self) -> String {
+        self.uri.to_string()
+    }
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("refused with HTTP {status} `{code}`")]
+    Refused {
+        status: u16,
+        code: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("timed out")]
+    Timeout,
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("WebSocket handshake failed: {0}")]
+    Handshake(tungstenite::Error),
+    #[error("closed before the welcome (close code {0:?})")]
+    ClosedBeforeWelcome(Option<u16>),
+    #[error("expected a welcome, got {0}")]
+    BadWelcome(String),
+    #[error("the token is not a valid HTTP header value")]
+    BadToken,
+}
+
+impl ConnectError {
+    /// True when retrying cannot help: the credentials are refused or the device is disabled.
+    pub fn is_final(&self) -> bool {
+        match self {
+            ConnectError::Refused { status, .. } => matches!(status, 401 | 403),
+            ConnectError::ClosedBeforeWelcome(Some(code)) => FINAL_CLOSE_CODES.contains(code),
+            ConnectError::BadToken => true,
+            _ => false,
+        }
+    }
+
+    /// How long the gateway asked us to wait (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ConnectError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short label for counting failures by kind.
+    pub fn kind(&self) -> String {
+        match self {
+            ConnectError::Refused { status, code, .. } if code.is_empty() => {
+                format!("connect: http {status}")
+            }
+            ConnectError::Refused { status, code, .. } => format!("connect: http {status} {code}"),
+            ConnectError::Timeout => "connect: timeout".into(),
+            ConnectError::Io(_) => "connect: tcp".into(),
+            ConnectError::Tls(_) => "connect: tls".into(),
+            ConnectError::Handshake(_) => "connect: websocket handshake".into(),
+            ConnectError::ClosedBeforeWelcome(_) => "connect: closed before welcome".into(),
+            ConnectError::BadWelcome(_) => "connect: bad welcome".into(),
+            ConnectError::BadToken => "connect: bad token".into(),
+        }
+    }
+
+    fn from_handshake(error: tungstenite::Error) -> ConnectError {
+        match error {
+            tungstenite::Error::Http(response) => {
+                let retry_after = response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let code = response
+                    .body()
+                    .as_deref()
+                    .and_then(|body| serde_json::from_slice::<serde_json::Value>(body).ok())
+                    .and_then(|body| body.get("error")?.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                ConnectError::Refused {
+                    status: response.status().as_u16(),
+                    code,
+                    retry_after,
+                }
+            }
+            tungstenite::Error::Io(e) => ConnectError::Io(e),
+            other => ConnectError::Handshake(other),
+        }
+    }
+}
+
+/// Connects one device and waits for its welcome, all within `limit`.
+pub async fn connect(
+    target: &Target,
+    token: &Secret,
+    limit: Duration,
+) -> Result<(Ws, Welcome), ConnectError> {
+    tokio::time::timeout(limit, connect_unbounded(target, token))
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+}
+
+async fn connect_unbounded(target: &Target, token: &Secret) -> Result<(Ws, Welcome), ConnectError> {
+    let tcp = TcpStream::connect(target.addr).await?;
+    // Small messages, latency measured: do not let Nagle hold them back.
+    tcp.set_nodelay(true)?;
+    let stream = match &target.tls {
+        Some((connector, name)) => {
+            let tls = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(ConnectError::Tls)?;
+            Transport::Tls(Box::new(tls))
+        }
+        None => Transport::Plain(tcp),
+    };
+    let request = upgrade_request(&target.uri, token)?;
+    let (mut ws, _response) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
+            .await
+            .map_err(ConnectError::from_handshake)?;
+    let welcome = read_welcome(&mut ws).await?;
+    Ok((ws, welcome))
+}
+
+fn upgrade_request(uri: &Uri, token: &Secret) -> Result<Request, ConnectError> {
+    let mut request = uri
+        .clone()
+        .into_client_request()
+        .map_err(ConnectError::Handshake)?;
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| ConnectError::BadToken)?;
+    auth.set_sensitive(true);
+    let headers = request.headers_mut();
+    headers.insert(AUTHORIZATION, auth);
+    headers.insert(
+        SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(proto::SUBPROTOCOL),
+    );
+    Ok(request)
+}
+
+/// Buffers sized for small messages and thousands of connections per process,
+/// not tungstenite's 128 KiB buffers and 64 MiB messages.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1 << 20)
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+}
+
+async fn read_welcome(ws: &mut Ws) -> Result<Welcome, ConnectError> {
+    let mut close_code = None;
+    while let Some(frame) = ws.next().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            // The gateway may drop the connection right after its close frame.
+            Err(_) if close_code.is_some() => break,
+            Err(e) => return Err(ConnectError::Handshake(e)),
+        };
+        match frame {
+            Message::Text(text) => {
+                return match proto::parse(&text) {
+                    Ok(Incoming::Welcome(welcome)) => Ok(welcome),
+                    Ok(other) => Err(ConnectError::BadWelcome(format!("{other:?}"))),
+                    Err(e) => Err(ConnectError::BadWelcome(format!(
+                        "unparsable message ({e})"
+                    ))),
+                };
+            }
+            Message::Close(frame) => close_code = close_code_of(&frame),
+            Message::Binary(_) => return Err(ConnectError::BadWelcome("a binary frame".into())),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
+    Err(ConnectError::ClosedBeforeWelcome(close_code))
+}
+
+/// The numeric code of a close frame.
+pub fn close_code_of(frame: &Option<CloseFrame>) -> Option<u16> {
+    frame.as_ref().map(|f| u16::from(f.code))
+}
+
+/// Closes normally (1000) and waits briefly for the gateway's side of the close handshake.
+pub async fn close(ws: &mut Ws) {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if ws.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = ws.next().await {}
+        }
+    })
+    .await;
+}
+
+/// After the gateway's close frame: keeps reading briefly so tungstenite can send its reply.
+pub async fn finish_close(ws: &mut Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// A TCP stream, with or without TLS.
+pub enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{self, Mock, Script};
+
+    #[tokio::test]
+    async fn connects_over_tls_and_reads_the_welcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let (acceptor, ca) = mock::tls_pair(dir.path());
+        let mock = Mock::start(Script::default(), Some(acceptor)).await;
+        let target = Target::resolve(&mock.url("wss"), &ca).await.unwrap();
+        let (mut ws, welcome) = connect(&target, &mock::token(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(welcome.device_id, "mock");
+        assert_eq!(welcome.limits.telemetry_per_sec, Some(100.0));
+        close(&mut ws).await;
+    }
+
+    #[tokio::test]
+    async fn a_certificate_from_another_ca_fails_the_tls_handshake() {
+        let (server_dir, client_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (acceptor, _) = mock::tls_pair(server_dir.path());
+        let (_, other_ca) = mock::tls_pair(client_dir.path());
+        let mock = Mock::start(Script::default(), Some(acceptor)).await;
+        let target = Target::resolve(&mock.url("wss"), &other_ca).await.unwrap();
+        let error = connect(&target, &mock::token(), Duration::from_secs(5))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(error, ConnectError::Tls(_)), "{error:?}");
+        assert!(!error.is_final());
+    }
+
+    #[tokio::test]
+    async fn a_wrong_token_is_a_final_refusal() {
+        let mock = Mock::start(Script::default(), None).await;
+        let target = Target::resolve(&mock.url("ws"), Path::new("unused.pem"))
+            .await
+            .unwrap();
+        let wrong = Secret::from("wrong".to_string());
+        let error = connect(&target, &wrong, Duration::from_secs(5))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(error.kind(), "connect: http 401 unauthorized");
+        assert!(error.is_final());
+    }
+
+    #[tokio::test]
+    async fn urls_without_a_websocket_scheme_are_refused() {
+        for url in ["http://127.0.0.1:1/v1/connect", "127.0.0.1:1", "wss://"] {
+            assert!(
+                Target::resolve(url, Path::new("unused.pem")).await.is_err(),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_credential_refusals_and_final_close_codes_stop_retries() {
+        let refused = |status| ConnectError::Refused {
+            status,
+            code: String::new(),
+            retry_after: None,
+        };
+        assert!(refused(401).is_final());
+        assert!(refused(403).is_final());
+        assert!(!refused(429).is_final());
+        assert!(!refused(503).is_final());
+        assert!(ConnectError::ClosedBeforeWelcome(Some(4003)).is_final());
+        assert!(!ConnectError::ClosedBeforeWelcome(Some(1001)).is_final());
+        assert!(!ConnectError::Timeout.is_final());
+    }
+
+    #[test]
+    fn http_refusals_keep_status_code_and_retry_after() {
+        let response = tungstenite::http::Response::builder()
+            .status(429)
+            .header(RETRY_AFTER, "7")
+            .body(Some(
+                br#"{"error":"too_many_connections","message":"slow"}"#.to_vec(),
+            ))
+            .unwrap();
+        let error = ConnectError::from_handshake(tungstenite::Error::Http(Box::new(response)));
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(error.kind(), "connect: http 429 too_many_connections");
+
+        let garbage = tungstenite::http::Response::builder()
+            .status(502)
+            .body(Some(b"<html>".to_vec()))
+            .unwrap();
+        let error = ConnectError::from_handshake(tungstenite::Error::Http(Box::new(garbage)));
+        assert_eq!(error.retry_after(), None);
+        assert_eq!(error.kind(), "connect: http 502");
+    }
+
+    #[test]
+    fn upgrade_request_carries_token_and_subprotocol() {
+        let uri: Uri = "wss://127.0.0.1:8443/v1/connect".parse().unwrap();
+        let request = upgrade_request(&uri, &Secret::from("tok_1".to_string())).unwrap();
+        assert_eq!(request.headers()[AUTHORIZATION], "Bearer tok_1");
+        assert!(request.headers()[AUTHORIZATION].is_sensitive());
+        assert_eq!(request.headers()[SEC_WEBSOCKET_PROTOCOL], "iot-gateway.v1");
+        let bad = upgrade_request(&uri, &Secret::from("a\nb".to_string()));
+        assert!(matches!(bad, Err(ConnectError::BadToken)));
+    }
+}

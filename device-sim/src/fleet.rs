@@ -1,0 +1,126 @@
+//! What every subcommand needs before its devices go online: their credentials (provisioned
+//! first when asked) and a bounded way of connecting many of them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::Semaphore;
+
+use crate::api::{self, Api};
+use crate::backoff::Backoff;
+use crate::cli::Common;
+use crate::conn::{self, ConnectError, Target, Ws};
+use crate::proto::Welcome;
+use crate::stats::ErrorTally;
+use crate::tokens::{self, Secret, TokenMap};
+
+/// How long one connection attempt (TCP, TLS, upgrade, welcome) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The ids and tokens of `count` devices; with `provision`, devices without a token in the file
+/// are created (or get a new token) first.
+pub async fn credentials(
+    common: &Common,
+    count: usize,
+    provision: bool,
+) -> Result<Vec<(String, Secret)>> {
+    if count == 0 {
+        bail!("--devices must be at least 1");
+    }
+    let ids = tokens::device_ids(&common.prefix, count)?;
+    let mut map = tokens::load(&common.tokens)?;
+    if provision {
+        provision_missing(common, &ids, &mut map).await?;
+    }
+    tokens::credentials(&ids, &map, &common.tokens)
+}
+
+async fn provision_missing(common: &Common, ids: &[String], map: &mut TokenMap) -> Result<()> {
+    let missing = tokens::missing(ids, map);
+    let reused = ids.len() - missing.len();
+    let file = common.tokens.display();
+    if missing.is_empty() {
+        eprintln!("provision: all {reused} devices already have tokens in {file}");
+        return Ok(());
+    }
+    let key = common
+        .api_key
+        .clone()
+        .context("--provision needs the operator API key (--api-key or GATEWAY_API_KEY)")?;
+    let api = Api::new(&common.api_url, key)?;
+    let started = Instant::now();
+    let outcome = api::provision(&api, &missing).await;
+    map.extend(outcome.tokens);
+    // A token is shown only once: keep every one we got, even when others failed.
+    tokens::save(&common.tokens, map)?;
+    eprintln!(
+        "provision: {} created, {} existing got a new token, {reused} reused from {file} ({:.2}s)",
+        outcome.created,
+        outcome.rotated,
+        started.elapsed().as_secs_f64()
+    );
+    if let Some((id, error)) = outcome.failures.first() {
+        bail!(
+            "could not provision {} of {} devices; first: {id}: {error}",
+            outcome.failures.len(),
+            missing.len()
+        );
+    }
+    Ok(())
+}
+
+/// Connects devices to one target, a bounded number of handshakes at a time.
+pub struct Connector {
+    target: Target,
+    permits: Semaphore,
+}
+
+impl Connector {
+    /// A connector allowing `concurrency` attempts in progress at once.
+    pub fn new(target: Target, concurrency: usize) -> Arc<Connector> {
+        Arc::new(Connector {
+            target,
+            permits: Semaphore::new(concurrency.max(1)),
+        })
+    }
+
+    /// The device URL.
+    pub fn url(&self) -> String {
+        self.target.url()
+    }
+
+    /// One attempt, waiting for a permit first.
+    pub async fn once(&self, token: &Secret) -> Result<(Ws, Welcome), ConnectError> {
+        // The semaphore is never closed, so acquiring cannot fail; the permit is held until
+        // the welcome arrived.
+        let _permit = self.permits.acquire().await;
+        conn::connect(&self.target, token, CONNECT_TIMEOUT).await
+    }
+
+    /// Up to `attempts` attempts with backoff; every failed attempt is counted in `tally`.
+    pub async fn with_retries(
+        &self,
+        token: &Secret,
+        attempts: u32,
+        tally: &ErrorTally,
+    ) -> Result<(Ws, Welcome), ConnectError> {
+        let mut backoff = Backoff::device();
+        let mut attempt = 1;
+        loop {
+            match self.once(token).await {
+                Err(e) if !e.is_final() && attempt < attempts => {
+                    tally.record(&format!("{} (retried)", e.kind()), &e);
+                    let jitter = backoff.next_delay(&mut rand::thread_rng());
+                    tokio::time::sleep(e.retry_after().unwrap_or_default().max(jitter)).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    tally.record(&e.kind(), &e);
+                    return Err(e);
+                }
+                ok => return ok,
+            }
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! When to stop: Ctrl-C, SIGTERM, or the end of stdin.
+
+use std::io::Read;
+
+use tokio_util::sync::CancellationToken;
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Cancels `token` once stdin reaches its end.
+///
+/// A plain thread rather than tokio's stdin: a blocking read cannot be interrupted, and tokio
+/// would wait for it when the runtime shuts down; a detached thread does not hold up the exit.
+pub fn cancel_at_stdin_eof(token: CancellationToken) {
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 1024];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            match stdin.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        token.cancel();
+    });
+}
