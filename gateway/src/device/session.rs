@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -140,6 +140,12 @@ where
         if let Some((code, text)) = ending.close {
             self.close(code, text).await;
         }
+        // End TLS properly (close_notify), so clients see a clean close, not a truncation.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.ws.get_mut().shutdown(),
+        )
+        .await;
         let end = SessionEnd {
             session_id: self.me.session_id.clone(),
             device_pk: self.me.device_pk,

@@ -110,24 +110,68 @@ pub struct AggQuery {
     pub keys: Option<Vec<String>>,
 }
 
-/// The statement the writer runs for a batch: one fixed SQL text whose only
-/// parameter is a JSON array of `[device_pk, msg_id, seq, ts, received_at, data]`
-/// rows, so SQLite parses the whole batch in one call and the statement stays cached.
-const INSERT_BATCH: &str = "INSERT OR IGNORE INTO telemetry \
-     (device_pk, msg_id, seq, ts, received_at, data) \
-     SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value -> 5 \
-     FROM json_each(?1)";
+/// One row for [`insert_rows`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct NewRow<'a> {
+    pub device_pk: i64,
+    pub msg_id: &'a str,
+    pub seq: i64,
+    pub ts: i64,
+    pub received_at: i64,
+    pub data: &'a str,
+}
 
-/// Inserts a batch given as a JSON array of rows; returns how many rows were new.
-pub(super) async fn insert_batch(
+/// Rows per multi-row INSERT statement: power-of-two sizes, so a batch of any size
+/// takes a few statements and only these few SQL texts are ever prepared (and cached).
+const CHUNKS: [usize; 8] = [128, 64, 32, 16, 8, 4, 2, 1];
+
+fn insert_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        CHUNKS
+            .iter()
+            .map(|&n| {
+                let values = vec!["(?,?,?,?,?,?)"; n].join(",");
+                format!(
+                    "INSERT OR IGNORE INTO telemetry \
+                     (device_pk, msg_id, seq, ts, received_at, data) VALUES {values}"
+                )
+            })
+            .collect()
+    });
+    let i = CHUNKS
+        .iter()
+        .position(|&n| n == rows)
+        .expect("a chunk size");
+    &all[i]
+}
+
+/// Inserts rows with multi-row statements (a re-sent message is ignored); returns how many were new.
+pub(super) async fn insert_rows(
     conn: &mut SqliteConnection,
-    rows_json: &str,
+    mut rows: &[NewRow<'_>],
 ) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(INSERT_BATCH)
-        .bind(rows_json)
-        .execute(conn)
-        .await?
-        .rows_affected())
+    let mut inserted = 0;
+    while !rows.is_empty() {
+        let n = *CHUNKS
+            .iter()
+            .find(|&&n| n <= rows.len())
+            .expect("1 always fits");
+        let (chunk, rest) = rows.split_at(n);
+        let mut q = sqlx::query(insert_sql(n));
+        for r in chunk {
+            q = q
+                .bind(r.device_pk)
+                .bind(r.msg_id)
+                .bind(r.seq)
+                .bind(r.ts)
+                .bind(r.received_at)
+                .bind(r.data);
+        }
+        inserted += q.execute(&mut *conn).await?.rows_affected();
+        rows = rest;
+    }
+    Ok(inserted)
 }
 
 impl Store {

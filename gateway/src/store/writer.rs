@@ -6,7 +6,6 @@
 //! insert, commits, and only then answers each telemetry job. When it falls
 //! behind, the channel fills and sessions stop reading their sockets.
 
-use std::io::Write as _;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -14,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
-use super::telemetry::insert_batch;
+use super::telemetry::{insert_rows, NewRow};
 use super::{Store, StoreError};
 use crate::device::protocol::Point;
 use crate::metrics::METRICS;
@@ -77,7 +76,6 @@ impl Writer {
 
 async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob>) {
     let mut batch: Vec<WriteJob> = Vec::new();
-    let mut payload: Vec<u8> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut rows = first.rows();
         batch.push(first);
@@ -98,7 +96,7 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob
             batch.push(job);
         }
         let started = Instant::now();
-        let outcome = commit(&store, &batch, &mut payload).await;
+        let outcome = commit(&store, &batch).await;
         METRICS
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -134,49 +132,31 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob
     tracing::debug!("telemetry writer stopped");
 }
 
-/// Serialises the batch's telemetry as one JSON array of rows.
-fn encode_rows(batch: &[WriteJob], out: &mut Vec<u8>) -> usize {
-    out.clear();
-    out.push(b'[');
-    let mut n = 0;
-    for job in batch {
-        let WriteJob::Telemetry(t) = job else {
-            continue;
-        };
-        let id = serde_json::to_string(&t.msg_id).expect("strings serialize");
-        for (seq, p) in t.points.iter().enumerate() {
-            if n > 0 {
-                out.push(b',');
-            }
-            let ts = p.ts.unwrap_or(t.received_at);
-            let _ = write!(
-                out,
-                "[{},{},{},{},{},{}]",
-                t.device_pk,
-                id,
-                seq,
-                ts,
-                t.received_at,
-                p.data.get()
-            );
-            n += 1;
-        }
-    }
-    out.push(b']');
-    n
+/// The batch's telemetry as rows: one per point, `seq` its index, `ts` defaulting to receipt.
+fn rows(batch: &[WriteJob]) -> Vec<NewRow<'_>> {
+    batch
+        .iter()
+        .filter_map(|job| match job {
+            WriteJob::Telemetry(t) => Some(t),
+            _ => None,
+        })
+        .flat_map(|t| {
+            t.points.iter().enumerate().map(move |(seq, p)| NewRow {
+                device_pk: t.device_pk,
+                msg_id: &t.msg_id,
+                seq: seq as i64,
+                ts: p.ts.unwrap_or(t.received_at),
+                received_at: t.received_at,
+                data: p.data.get(),
+            })
+        })
+        .collect()
 }
 
-async fn commit(
-    store: &Store,
-    batch: &[WriteJob],
-    payload: &mut Vec<u8>,
-) -> Result<(), StoreError> {
-    let rows = encode_rows(batch, payload);
+async fn commit(store: &Store, batch: &[WriteJob]) -> Result<(), StoreError> {
+    let rows = rows(batch);
     let mut tx = store.begin_write().await?;
-    if rows > 0 {
-        let json = std::str::from_utf8(payload).expect("JSON built from UTF-8 parts");
-        insert_batch(&mut tx, json).await?;
-    }
+    insert_rows(&mut tx, &rows).await?;
     for job in batch {
         match job {
             WriteJob::SessionStart(s) => record_start(&mut tx, s).await?,
@@ -217,14 +197,13 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_encoded_with_seq_and_receive_time_default() {
-        let (a, _) = job(1, "m\"1", &[(Some(10), r#"{"t":1}"#), (None, r#"{"t":2}"#)]);
-        let mut out = Vec::new();
-        assert_eq!(encode_rows(&[a], &mut out), 2);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"[[1,"m\"1",0,10,5000,{"t":1}],[1,"m\"1",1,5000,5000,{"t":2}]]"#
-        );
+    fn rows_carry_seq_and_receive_time_default() {
+        let (a, _) = job(1, "m1", &[(Some(10), r#"{"t":1}"#), (None, r#"{"t":2}"#)]);
+        let batch = [a];
+        let r = rows(&batch);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].seq, r[0].ts, r[0].data), (0, 10, r#"{"t":1}"#));
+        assert_eq!((r[1].seq, r[1].ts, r[1].received_at), (1, 5000, 5000));
     }
 
     #[tokio::test]
