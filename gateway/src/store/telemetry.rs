@@ -121,44 +121,33 @@ pub(super) struct NewRow<'a> {
     pub data: &'a str,
 }
 
-/// Rows per multi-row INSERT statement: power-of-two sizes, so a batch of any size
-/// takes a few statements and only these few SQL texts are ever prepared (and cached).
-const CHUNKS: [usize; 8] = [128, 64, 32, 16, 8, 4, 2, 1];
+/// Most rows in one INSERT: 6 parameters each, within SQLite's limit of 32766 parameters.
+const MAX_ROWS_PER_STATEMENT: usize = 5000;
 
-fn insert_sql(rows: usize) -> &'static str {
-    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let all = SQL.get_or_init(|| {
-        CHUNKS
-            .iter()
-            .map(|&n| {
-                let values = vec!["(?,?,?,?,?,?)"; n].join(",");
-                format!(
-                    "INSERT OR IGNORE INTO telemetry \
-                     (device_pk, msg_id, seq, ts, received_at, data) VALUES {values}"
-                )
-            })
-            .collect()
-    });
-    let i = CHUNKS
-        .iter()
-        .position(|&n| n == rows)
-        .expect("a chunk size");
-    &all[i]
-}
-
-/// Inserts rows with multi-row statements (a re-sent message is ignored); returns how many were new.
+/// Inserts rows with one multi-row statement per 5000 rows (a re-sent message is ignored);
+/// returns how many were new.
+///
+/// The statement text depends on the row count, so it is not kept in the statement
+/// cache: preparing it costs far less than one more round trip to SQLite's worker
+/// thread per chunk would.
 pub(super) async fn insert_rows(
     conn: &mut SqliteConnection,
-    mut rows: &[NewRow<'_>],
+    rows: &[NewRow<'_>],
 ) -> Result<u64, sqlx::Error> {
     let mut inserted = 0;
-    while !rows.is_empty() {
-        let n = *CHUNKS
-            .iter()
-            .find(|&&n| n <= rows.len())
-            .expect("1 always fits");
-        let (chunk, rest) = rows.split_at(n);
-        let mut q = sqlx::query(insert_sql(n));
+    for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+        let mut sql = String::with_capacity(96 + chunk.len() * 14);
+        sql.push_str(
+            "INSERT OR IGNORE INTO telemetry (device_pk, msg_id, seq, ts, received_at, data) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 {
+                "(?,?,?,?,?,?)"
+            } else {
+                ",(?,?,?,?,?,?)"
+            });
+        }
+        let mut q = sqlx::query(&sql).persistent(false);
         for r in chunk {
             q = q
                 .bind(r.device_pk)
@@ -169,7 +158,6 @@ pub(super) async fn insert_rows(
                 .bind(r.data);
         }
         inserted += q.execute(&mut *conn).await?.rows_affected();
-        rows = rest;
     }
     Ok(inserted)
 }

@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
@@ -46,6 +45,9 @@ impl WriteJob {
     }
 }
 
+/// Resolves when the writer has committed everything and stopped.
+pub type WriterTask = oneshot::Receiver<()>;
+
 /// How the writer batches.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterConfig {
@@ -62,9 +64,24 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the writer task; it ends once every `Writer` clone is dropped and the queue is empty.
-    pub fn spawn(store: Store, config: WriterConfig) -> (Writer, JoinHandle<()>) {
+    ///
+    /// The writer runs on a thread of its own (with its own small runtime), so its
+    /// round trips to SQLite are never queued behind thousands of session tasks:
+    /// a commit's latency is the database's, not the scheduler's.
+    pub fn spawn(store: Store, config: WriterConfig) -> (Writer, WriterTask) {
         let (tx, rx) = mpsc::channel(config.queue);
-        let task = tokio::spawn(run(store, config, rx));
+        let (finished, task) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime can always be built");
+        std::thread::Builder::new()
+            .name("telemetry-writer".into())
+            .spawn(move || {
+                runtime.block_on(run(store, config, rx));
+                let _ = finished.send(());
+            })
+            .expect("spawning the writer thread");
         (Writer { tx }, task)
     }
 
