@@ -36,19 +36,24 @@ fn time_param(params: &HashMap<String, String>, name: &str) -> Result<Option<i64
         .transpose()
 }
 
+/// `keys=a,b`: the keys of `data` to keep.
+fn parse_keys(params: &HashMap<String, String>) -> Option<Vec<String>> {
+    params.get("keys").map(|k| {
+        k.split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
+    })
+}
+
 fn parse_params(params: &HashMap<String, String>) -> Result<Params, ApiError> {
     let descending = match params.get("order").map(String::as_str) {
         None | Some("desc") => true,
         Some("asc") => false,
         Some(_) => return Err(ApiError::bad_request("order must be asc or desc")),
     };
-    let keys = params.get("keys").map(|k| {
-        k.split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    });
+    let keys = parse_keys(params);
     let agg = params
         .get("agg")
         .map(|a| {
@@ -237,13 +242,7 @@ pub async fn latest(
     Path(id): Path<String>,
     Query(raw): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let keys = raw.get("keys").map(|k| {
-        k.split(',')
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    });
+    let keys = parse_keys(&raw);
     let pk = device_pk(&state, &id).await?;
     let row = state
         .store
