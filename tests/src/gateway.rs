@@ -23,6 +23,7 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     args: Vec<String>,
+    env: Vec<(String, String)>,
     key: KeyMode,
 }
 
@@ -49,6 +50,12 @@ impl Options {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable for the gateway process (e.g. a `GATEWAY_*` setting).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
         self
     }
 
@@ -146,6 +153,7 @@ impl Gateway {
                 cmd.env_remove(name);
             }
         }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().expect("spawn the gateway binary");
         let pid = child.id().expect("gateway pid");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();

@@ -137,3 +137,49 @@ async fn silent_device_is_closed_with_4008() {
     .await;
     assert_eq!(device["last_disconnect_reason"], "idle_timeout");
 }
+
+#[tokio::test]
+async fn settings_merge_flags_over_environment_over_toml_file() {
+    let conf = tempfile::tempdir().expect("tempdir");
+    let file = conf.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "max_message_bytes = 2048\ntelemetry_rate = 5\ntelemetry_burst = 5\n",
+    )
+    .expect("write config");
+    let gw = Gateway::start(
+        Options::new()
+            .args(["--config", file.to_str().expect("utf-8 path")])
+            .args(["--max-message-bytes", "3000"])
+            .env("GATEWAY_MAX_MESSAGE_BYTES", "2500")
+            .env("GATEWAY_TELEMETRY_RATE", "6"),
+    )
+    .await;
+    let token = gw.create_device("sensor-1").await;
+    let dev = gw.connect(&token).await;
+    // flag (3000) beats environment (2500) beats file (2048)
+    assert_eq!(dev.welcome["limits"]["max_message_bytes"], 3000);
+    // environment (6) beats file (5)
+    assert_eq!(dev.welcome["limits"]["telemetry_per_sec"], 6);
+}
+
+#[tokio::test]
+async fn an_invalid_setting_stops_the_start_and_names_the_setting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(e2e::gateway::gateway_bin())
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--device-addr",
+            "127.0.0.1:0",
+            "--api-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--ping-interval", "30s", "--idle-timeout", "10s"])
+        .output()
+        .expect("run the gateway");
+    assert!(!out.status.success(), "it must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("idle_timeout"), "stderr: {stderr}");
+    assert!(out.stdout.is_empty(), "no listening line: {:?}", out.stdout);
+}
