@@ -635,7 +635,8 @@ fn dechunk(buf: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+/// A rustls client configuration trusting only the PEM CA in `ca`.
+pub fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca)
         .unwrap_or_else(|e| panic!("read the gateway CA {}: {e}", ca.display()));

@@ -308,9 +308,10 @@ fn parse_listening(line: &str) -> Option<(String, String)> {
     };
     let device = device.strip_prefix("device=")?;
     let api = api.strip_prefix("api=")?;
-    let ok = device.starts_with("wss://127.0.0.1:")
+    // wss:// and http:// by default; ws:// with --no-tls, https:// with --api-tls.
+    let ok = (device.starts_with("wss://127.0.0.1:") || device.starts_with("ws://127.0.0.1:"))
         && device.ends_with("/v1/connect")
-        && api.starts_with("http://127.0.0.1:")
+        && (api.starts_with("http://127.0.0.1:") || api.starts_with("https://127.0.0.1:"))
         && api.ends_with("/v1");
     ok.then(|| (device.to_string(), api.to_string()))
 }

@@ -118,3 +118,49 @@ impl Store {
         self.write.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open(sync: Synchronous) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/data/g.db", dir.path().display());
+        let store = Store::open(&url, sync).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn wal_and_the_chosen_durability() {
+        for (sync, level) in [(Synchronous::Full, 2), (Synchronous::Normal, 1)] {
+            let (_dir, store) = open(sync).await;
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(&store.write)
+                .await
+                .unwrap();
+            assert_eq!(mode, "wal");
+            let got: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&store.write)
+                .await
+                .unwrap();
+            assert_eq!(got, level, "{sync:?}");
+            assert!(store.path().ends_with("data/g.db"), "the folder is created");
+        }
+    }
+
+    #[tokio::test]
+    async fn migrations_apply_once_and_reopen_cleanly() {
+        let (dir, store) = open(Synchronous::Full).await;
+        store.close().await;
+        let url = format!("sqlite://{}/data/g.db", dir.path().display());
+        let again = Store::open(&url, Synchronous::Full).await.unwrap();
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+             AND name IN ('devices', 'telemetry', 'sessions', 'commands')",
+        )
+        .fetch_one(&again.read)
+        .await
+        .unwrap();
+        assert_eq!(tables, 4);
+    }
+}
