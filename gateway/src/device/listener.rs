@@ -18,6 +18,7 @@ use super::limits::Refused;
 use super::session::{Identity, Session};
 use super::DeviceContext;
 use crate::metrics::METRICS;
+use crate::store::devices::TokenOwner;
 
 /// Accepts device connections until shutdown; each runs in its own tracked task.
 pub async fn serve(
@@ -94,7 +95,7 @@ where
     };
     let deadline = tokio::time::Instant::now() + ctx.settings.handshake_timeout;
     let accepted = tokio::time::timeout_at(deadline, authenticate(&mut stream, &ctx)).await;
-    let (identity_base, request, leftover) = match accepted {
+    let (owner, request, leftover) = match accepted {
         Ok(Ok(ok)) => ok,
         Ok(Err(refusal)) => {
             tracing::debug!(
@@ -112,8 +113,7 @@ where
             return;
         }
     };
-    let (device_pk, device_id) = identity_base;
-    tracing::Span::current().record("device_id", device_id.as_str());
+    tracing::Span::current().record("device_id", owner.id.as_str());
     let response = handshake::accept_response(&request);
     if stream.write_all(response.as_bytes()).await.is_err() || stream.flush().await.is_err() {
         return;
@@ -126,8 +126,8 @@ where
     };
     METRICS.handshake("ok");
     let identity = Identity {
-        device_pk,
-        device_id,
+        device_pk: owner.pk,
+        device_id: owner.id,
         session_id: uuid::Uuid::now_v7().to_string(),
         remote_addr: peer.to_string(),
         auth: "token",
@@ -136,7 +136,8 @@ where
     drop(admission);
 }
 
-type Authenticated = ((i64, String), handshake::UpgradeRequest, Vec<u8>);
+/// The device, its upgrade request, and bytes that followed the request head.
+type Authenticated = (TokenOwner, handshake::UpgradeRequest, Vec<u8>);
 
 async fn authenticate<S>(stream: &mut S, ctx: &DeviceContext) -> Result<Authenticated, Refusal>
 where
@@ -170,7 +171,7 @@ where
             retry_after,
         ));
     }
-    Ok(((owner.pk, owner.id), request, leftover))
+    Ok((owner, request, leftover))
 }
 
 /// SHA-256 of a token: what the registry stores and looks up.
