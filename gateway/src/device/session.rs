@@ -118,7 +118,7 @@ where
 
     /// Runs the session to its end, recording presence on both sides.
     pub async fn run(mut self) {
-        let connected_at = now_ms();
+        let connected_at = self.handle.connected_at;
         self.ctx
             .hub
             .register(&self.me.device_id, self.handle.clone());
