@@ -32,6 +32,8 @@ pub struct Metrics {
     pub connections: Gauge,
     pub handshakes: Family<Outcome, Counter>,
     pub messages: Family<Kind, Counter>,
+    /// `messages{type="telemetry"}`, resolved once: it is counted on the hot path.
+    pub telemetry_messages: Counter,
     pub acks: Counter,
     pub rejections: Family<Reason, Counter>,
     pub disconnects: Family<Reason, Counter>,
@@ -46,6 +48,11 @@ impl Metrics {
         let connections = Gauge::default();
         let handshakes = Family::<Outcome, Counter>::default();
         let messages = Family::<Kind, Counter>::default();
+        let telemetry_messages = messages
+            .get_or_create(&Kind {
+                r#type: "telemetry",
+            })
+            .clone();
         let acks = Counter::default();
         let rejections = Family::<Reason, Counter>::default();
         let disconnects = Family::<Reason, Counter>::default();
@@ -102,6 +109,7 @@ impl Metrics {
             connections,
             handshakes,
             messages,
+            telemetry_messages,
             acks,
             rejections,
             disconnects,

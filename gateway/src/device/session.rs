@@ -284,7 +284,7 @@ where
         self.invalid_streak = 0;
         let result = match inbound {
             Inbound::Telemetry { id, points } => {
-                METRICS.message("telemetry");
+                METRICS.telemetry_messages.inc();
                 self.on_telemetry(id, points).await
             }
             Inbound::Ack { id } | Inbound::CommandResult { id, .. } => {
