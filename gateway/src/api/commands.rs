@@ -26,18 +26,26 @@ const MAX_NAME_BYTES: usize = 128;
 const MAX_KEY_BYTES: usize = 256;
 
 /// The body of `POST /v1/devices/{id}/commands`.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CreateCommand {
+    /// Required, 1 to 128 bytes.
     #[serde(default)]
+    #[schema(value_type = String)]
     name: Option<String>,
+    /// A JSON object, `{}` by default.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     params: Option<Box<RawValue>>,
+    /// Seconds to deliver it before it expires: 1 to 2592000, default 3600.
     #[serde(default)]
     ttl_s: Option<i64>,
+    /// Seconds from delivery to the result before it times out: 1 to 86400, default 30.
     #[serde(default)]
     timeout_s: Option<i64>,
+    /// Seconds (0 to 60) to wait for a final status before answering.
     #[serde(default)]
     wait_s: Option<f64>,
+    /// The same key for the same device returns the command created first.
     #[serde(default)]
     idempotency_key: Option<String>,
 }
@@ -95,6 +103,15 @@ impl CreateCommand {
 
 /// `POST /v1/devices/{id}/commands`: `201` new, `202` when `wait_s` ran out first,
 /// `200` for an idempotency-key repeat, `429` when the device's queue is full.
+#[utoipa::path(post, path = "/devices/{id}/commands", tag = "commands", params(("id" = String, Path, description = "Device id")), request_body = CreateCommand,
+    responses(
+        (status = 201, description = "Queued (and final, if it became final within wait_s)", body = super::openapi::Command),
+        (status = 200, description = "The command created earlier with the same idempotency_key", body = super::openapi::Command),
+        (status = 202, description = "wait_s ran out first: the status so far", body = super::openapi::Command),
+        (status = 400, description = "Malformed JSON", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody),
+        (status = 422, description = "Invalid field", body = super::openapi::ErrorBody),
+        (status = 429, description = "The device's queue of commands that are not final is full", body = super::openapi::ErrorBody)))]
 pub async fn create(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -139,6 +156,15 @@ async fn settle(
 }
 
 /// `GET /v1/devices/{id}/commands?status=&limit=&cursor=&order=`: newest first by default.
+#[utoipa::path(get, path = "/devices/{id}/commands", tag = "commands",
+    params(("id" = String, Path, description = "Device id"),
+        ("status" = Option<String>, Query, description = "Only these statuses, comma-separated"),
+        ("order" = Option<String>, Query, description = "desc (newest first, default) or asc"),
+        ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses(
+        (status = 200, description = "A page of the device's commands", body = super::openapi::CommandPage),
+        (status = 400, description = "Invalid query value", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody)))]
 pub async fn list(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -195,6 +221,11 @@ pub async fn list(
 }
 
 /// `GET /v1/commands/{command_id}`.
+#[utoipa::path(get, path = "/commands/{command_id}", tag = "commands", params(("command_id" = String, Path, description = "Command id")),
+    responses(
+        (status = 200, description = "The command", body = super::openapi::Command),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such command", body = super::openapi::ErrorBody)))]
 pub async fn show(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -206,6 +237,12 @@ pub async fn show(
 }
 
 /// `POST /v1/commands/{command_id}/cancel`: `200` canceled, `409` if already final.
+#[utoipa::path(post, path = "/commands/{command_id}/cancel", tag = "commands", params(("command_id" = String, Path, description = "Command id")),
+    responses(
+        (status = 200, description = "Canceled", body = super::openapi::Command),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such command", body = super::openapi::ErrorBody),
+        (status = 409, description = "Already final", body = super::openapi::ErrorBody)))]
 pub async fn cancel(
     State(state): State<ApiState>,
     Path(id): Path<String>,

@@ -26,6 +26,14 @@ use crate::metrics::METRICS;
 const CHUNK: usize = 256;
 
 /// `GET /v1/events?device=ID`, with an optional `Last-Event-ID` header.
+#[utoipa::path(get, path = "/events", tag = "events",
+    params(
+        ("device" = Option<String>, Query, description = "Only this device's events"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
+    responses(
+        (status = 200, description = "text/event-stream: events telemetry, device.connected, device.disconnected, command.updated (and lagged when this client missed events), each with an id and one JSON object as data", content_type = "text/event-stream"),
+        (status = 400, description = "Invalid device or Last-Event-ID", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody)))]
 pub async fn stream(
     State(state): State<ApiState>,
     headers: HeaderMap,

@@ -6,6 +6,7 @@ mod events;
 mod health;
 pub mod https;
 pub mod key;
+pub mod openapi;
 mod telemetry;
 
 use std::sync::Arc;
@@ -16,10 +17,12 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::commands::Commands;
 use crate::events::Events;
@@ -160,38 +163,44 @@ async fn not_found() -> ApiError {
 
 /// The whole operator API.
 pub fn router(state: ApiState) -> Router {
-    let v1 = Router::new()
-        .route("/devices", post(devices::create).get(devices::list))
-        .route(
-            "/devices/{id}",
-            get(devices::show)
-                .patch(devices::update)
-                .delete(devices::remove),
-        )
-        .route("/devices/{id}/token", post(devices::rotate_token))
-        .route("/devices/{id}/sessions", get(devices::sessions))
-        .route("/devices/{id}/telemetry", get(telemetry::query))
-        .route("/devices/{id}/telemetry/latest", get(telemetry::latest))
-        .route(
-            "/devices/{id}/commands",
-            post(commands::create).get(commands::list),
-        )
-        .route("/commands/{command_id}", get(commands::show))
-        .route("/commands/{command_id}/cancel", post(commands::cancel))
-        .route("/events", get(events::stream))
-        .fallback(not_found)
+    router_and_document(state).0
+}
+
+/// The operator API and its OpenAPI document, built from the same route list.
+pub fn router_and_document(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(devices::create, devices::list))
+        .routes(routes!(devices::show, devices::update, devices::remove))
+        .routes(routes!(devices::rotate_token))
+        .routes(routes!(devices::sessions))
+        .routes(routes!(telemetry::query))
+        .routes(routes!(telemetry::latest))
+        .routes(routes!(commands::create, commands::list))
+        .routes(routes!(commands::show))
+        .routes(routes!(commands::cancel))
+        .routes(routes!(events::stream))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(openapi::document))
+        .merge(protected)
+        .fallback(not_found);
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
         .nest("/v1", v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+        .split_for_parts();
+    openapi::require_key_under_v1(&mut doc);
+    let document = openapi::Document(Arc::new(
+        serde_json::to_value(&doc).expect("the OpenAPI document serializes"),
+    ));
+    (router.layer(Extension(document)), doc)
 }
 
 /// Parses an optional `limit` query value: 1..=1000, default 100.
