@@ -1,26 +1,28 @@
-//! One simulated device for `run`: sensor readings on a random walk, answers to commands, and
-//! reconnects with backoff as a well-behaved device does.
+//! One simulated device for `run` (and the command benchmark): telemetry from its sensor, prompt
+//! answers to commands, and reconnects with backoff as a well-behaved device does.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rand::Rng;
-use serde::Serialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::commands::{self, Action, RecentCommands};
 use crate::conn::{self, Ws, FINAL_CLOSE_CODES};
 use crate::fleet::Connector;
-use crate::proto::{self, Command, Incoming, Outcome};
+use crate::proto::{self, Command, Incoming};
+use crate::sensor::Sensor;
 use crate::stats::ErrorTally;
 use crate::tokens::Secret;
 
 /// A session that lasted this long was healthy: the next reconnect starts from a short delay.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// Before a simulated reboot, how long to wait for the gateway to ack (store) the result.
+const RESULT_ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// Fleet-wide counters.
 #[derive(Debug, Default)]
@@ -29,65 +31,12 @@ pub struct Counters {
     pub acked: AtomicU64,
     pub reconnects: AtomicU64,
     pub connected: AtomicI64,
-}
-
-/// One reading, the `data` of a telemetry message.
-#[derive(Debug, Serialize, PartialEq)]
-pub struct Reading {
-    pub temp: f64,
-    pub humidity: f64,
-    pub battery: f64,
-    pub counter: u64,
-    pub state: &'static str,
-}
-
-/// Sensor values that drift a little with every reading.
-#[derive(Debug)]
-pub struct Sensor {
-    temp: f64,
-    humidity: f64,
-    battery: f64,
-    counter: u64,
-}
-
-impl Sensor {
-    /// A sensor starting at plausible indoor values.
-    pub fn new(rng: &mut impl Rng) -> Sensor {
-        Sensor {
-            temp: rng.gen_range(18.0..24.0),
-            humidity: rng.gen_range(35.0..55.0),
-            battery: rng.gen_range(60.0..100.0),
-            counter: 0,
-        }
-    }
-
-    /// The next reading; `counter` counts readings from 0.
-    pub fn step(&mut self, rng: &mut impl Rng) -> Reading {
-        self.temp = (self.temp + rng.gen_range(-0.2..=0.2)).clamp(-20.0, 50.0);
-        self.humidity = (self.humidity + rng.gen_range(-0.5..=0.5)).clamp(0.0, 100.0);
-        self.battery = (self.battery - rng.gen_range(0.0..0.01)).max(0.0);
-        let reading = Reading {
-            temp: round2(self.temp),
-            humidity: round2(self.humidity),
-            battery: round2(self.battery),
-            counter: self.counter,
-            state: "ok",
-        };
-        self.counter += 1;
-        reading
-    }
-}
-
-fn round2(value: f64) -> f64 {
-    (value * 100.0).round() / 100.0
-}
-
-/// What the simulated device answers to a command.
-pub fn answer(command: &Command) -> Outcome {
-    match command.name.as_str() {
-        "ping" => Outcome::Succeeded(serde_json::json!({"pong": proto::now_rfc3339()})),
-        _ => Outcome::Rejected("unknown command".into()),
-    }
+    /// Commands executed (each id once).
+    pub commands: AtomicU64,
+    /// Commands received again after they were executed (acked and answered, not executed).
+    pub duplicate_commands: AtomicU64,
+    /// Simulated reboots (`reboot` commands).
+    pub reboots: AtomicU64,
 }
 
 /// How a session ended.
@@ -96,6 +45,23 @@ enum SessionEnd {
     Cancelled,
     Closed(u16),
     Lost(String),
+    /// Closed by the device itself for a `reboot` command; offline this long.
+    Rebooted(Duration),
+}
+
+/// What a device keeps across sessions and simulated reboots (its "flash").
+struct State {
+    sensor: Sensor,
+    /// Time between telemetry messages; `None` sends none.
+    period: Option<Duration>,
+    recent: RecentCommands,
+}
+
+/// What the session does after a frame was handled.
+enum Next {
+    Continue,
+    SetInterval(Duration),
+    Reboot { command_id: String, delay: Duration },
 }
 
 /// One device of a `run` fleet.
@@ -104,7 +70,7 @@ pub struct Device {
     pub token: Secret,
     /// Part of every message id, so ids stay unique across runs.
     pub boot: u64,
-    /// Time between telemetry messages; `None` sends none.
+    /// Time between telemetry messages at start; `None` sends none (until `set_interval`).
     pub period: Option<Duration>,
     pub connector: Arc<Connector>,
     pub counters: Arc<Counters>,
@@ -116,34 +82,43 @@ impl Device {
     /// Connects, runs sessions and reconnects until cancelled or refused for good.
     pub async fn run(self) {
         let mut backoff = Backoff::device();
-        let mut sensor = Sensor::new(&mut rand::thread_rng());
+        let mut state = State {
+            sensor: Sensor::new(&mut rand::thread_rng()),
+            period: self.period,
+            recent: RecentCommands::default(),
+        };
         loop {
             let attempt = tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 attempt = self.connector.once(&self.token) => attempt,
             };
-            let retry_after = match attempt {
+            let delay = match attempt {
                 Ok((ws, _welcome)) => {
                     let started = Instant::now();
                     self.counters.connected.fetch_add(1, Relaxed);
-                    let end = self.session(ws, &mut sensor).await;
+                    let end = self.session(ws, &mut state).await;
                     self.counters.connected.fetch_sub(1, Relaxed);
                     match end {
                         SessionEnd::Cancelled => return,
+                        SessionEnd::Rebooted(delay) => {
+                            self.counters.reboots.fetch_add(1, Relaxed);
+                            backoff.reset();
+                            delay
+                        }
                         SessionEnd::Closed(code) if FINAL_CLOSE_CODES.contains(&code) => {
                             let detail = format!("{} stops (no reconnect after {code})", self.id);
                             self.tally.record(&format!("closed: {code}"), detail);
                             return;
                         }
                         SessionEnd::Closed(code) => {
-                            self.tally.record(&format!("closed: {code}"), &self.id)
+                            self.tally.record(&format!("closed: {code}"), &self.id);
+                            retry_delay(&mut backoff, started)
                         }
-                        SessionEnd::Lost(why) => self.tally.record("connection lost", why),
+                        SessionEnd::Lost(why) => {
+                            self.tally.record("connection lost", why);
+                            retry_delay(&mut backoff, started)
+                        }
                     }
-                    if started.elapsed() >= STABLE_SESSION {
-                        backoff.reset();
-                    }
-                    None
                 }
                 Err(e) if e.is_final() => {
                     let detail = format!("{}: {e}; this device stops", self.id);
@@ -152,12 +127,10 @@ impl Device {
                 }
                 Err(e) => {
                     self.tally.record(&e.kind(), &e);
-                    e.retry_after()
+                    let jitter = backoff.next_delay(&mut rand::thread_rng());
+                    jitter.max(e.retry_after().unwrap_or_default())
                 }
             };
-            let delay = backoff
-                .next_delay(&mut rand::thread_rng())
-                .max(retry_after.unwrap_or_default());
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -166,15 +139,12 @@ impl Device {
         }
     }
 
-    async fn session(&self, mut ws: Ws, sensor: &mut Sensor) -> SessionEnd {
+    async fn session(&self, mut ws: Ws, state: &mut State) -> SessionEnd {
         let prefix = format!("{}-{}-", self.id, self.boot);
-        let mut ticker = self.period.map(|period| {
-            // A random phase spreads a fleet's messages over the period.
-            let phase = period.mul_f64(rand::random::<f64>());
-            let mut ticker = tokio::time::interval_at(Instant::now() + phase, period);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            ticker
-        });
+        // A random phase spreads a fleet's messages over the period.
+        let mut ticker = state
+            .period
+            .map(|period| ticker_for(period, period.mul_f64(rand::random::<f64>())));
         let mut close_code = None;
         loop {
             tokio::select! {
@@ -183,7 +153,7 @@ impl Device {
                     return SessionEnd::Cancelled;
                 }
                 _ = tick(&mut ticker) => {
-                    let reading = sensor.step(&mut rand::thread_rng());
+                    let reading = state.sensor.step(&mut rand::thread_rng());
                     let id = proto::message_id(&self.id, self.boot, reading.counter);
                     let text = proto::telemetry(&id, &proto::now_rfc3339(), &reading);
                     if let Err(e) = ws.send(Message::text(text)).await {
@@ -200,8 +170,18 @@ impl Device {
                     None => return SessionEnd::Lost("closed without a close frame".into()),
                     Some(Err(e)) => return SessionEnd::Lost(e.to_string()),
                     Some(Ok(Message::Text(text))) => {
-                        if let Err(e) = self.handle(&mut ws, &text, &prefix).await {
-                            return SessionEnd::Lost(e);
+                        match self.handle(&mut ws, &text, &prefix, &mut state.recent).await {
+                            Err(e) => return SessionEnd::Lost(e),
+                            Ok(Next::Continue) => {}
+                            Ok(Next::SetInterval(period)) => {
+                                state.period = Some(period);
+                                ticker = Some(ticker_for(period, period));
+                            }
+                            Ok(Next::Reboot { command_id, delay }) => {
+                                self.await_ack(&mut ws, &command_id, &prefix).await;
+                                conn::close(&mut ws).await;
+                                return SessionEnd::Rebooted(delay);
+                            }
                         }
                     }
                     Some(Ok(Message::Close(frame))) => {
@@ -213,26 +193,19 @@ impl Device {
         }
     }
 
-    async fn handle(&self, ws: &mut Ws, text: &str, prefix: &str) -> Result<(), String> {
+    async fn handle(
+        &self,
+        ws: &mut Ws,
+        text: &str,
+        prefix: &str,
+        recent: &mut RecentCommands,
+    ) -> Result<Next, String> {
         match proto::parse(text) {
             // Acks of our command results share the type; only count telemetry acks.
             Ok(Incoming::Ack { id }) if id.starts_with(prefix) => {
                 self.counters.acked.fetch_add(1, Relaxed);
             }
-            Ok(Incoming::Command(command)) => {
-                // Receipt first, then the outcome; a redelivered command is answered again,
-                // which the gateway takes as a harmless duplicate.
-                let outcome = answer(&command);
-                let replies = [
-                    proto::ack(&command.id),
-                    proto::command_result(&command.id, &outcome),
-                ];
-                for reply in replies {
-                    ws.send(Message::text(reply))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
+            Ok(Incoming::Command(command)) => return self.on_command(ws, command, recent).await,
             Ok(Incoming::Error(error)) => {
                 let detail = format!("{} (message {:?}): {}", self.id, error.id, error.message);
                 self.tally.record(&format!("error: {}", error.code), detail);
@@ -243,8 +216,80 @@ impl Device {
                 format!("{}: {e}", self.id),
             ),
         }
-        Ok(())
+        Ok(Next::Continue)
     }
+
+    /// Acks the command and answers it in the same flush; a command seen before is answered
+    /// with the remembered result and not executed again.
+    async fn on_command(
+        &self,
+        ws: &mut Ws,
+        command: Command,
+        recent: &mut RecentCommands,
+    ) -> Result<Next, String> {
+        let (answer, next) = match recent.answer_to(&command.id) {
+            Some(answer) => {
+                self.counters.duplicate_commands.fetch_add(1, Relaxed);
+                (answer.to_owned(), Next::Continue)
+            }
+            None => {
+                let (outcome, action) = commands::execute(&command, chrono::Utc::now());
+                let answer = proto::command_result(&command.id, &outcome);
+                recent.remember(&command.id, answer.clone());
+                self.counters.commands.fetch_add(1, Relaxed);
+                let next = match action {
+                    Action::None => Next::Continue,
+                    Action::SetInterval(period) => Next::SetInterval(period),
+                    Action::Reboot(delay) => Next::Reboot {
+                        command_id: command.id.clone(),
+                        delay,
+                    },
+                };
+                (answer, next)
+            }
+        };
+        let send = async {
+            ws.feed(Message::text(proto::ack(&command.id))).await?;
+            ws.feed(Message::text(answer)).await?;
+            ws.flush().await
+        };
+        send.await.map_err(|e| e.to_string())?;
+        Ok(next)
+    }
+
+    /// Reads until the gateway acks `command_id` (it has stored the result), the connection
+    /// ends, or [`RESULT_ACK_WAIT`] passes. Commands arriving meanwhile are left unanswered: the
+    /// gateway sends them again after the reboot.
+    async fn await_ack(&self, ws: &mut Ws, command_id: &str, prefix: &str) {
+        let _ = tokio::time::timeout(RESULT_ACK_WAIT, async {
+            while let Some(Ok(frame)) = ws.next().await {
+                let Message::Text(text) = frame else { continue };
+                match proto::parse(&text) {
+                    Ok(Incoming::Ack { id }) if id == command_id => return,
+                    Ok(Incoming::Ack { id }) if id.starts_with(prefix) => {
+                        self.counters.acked.fetch_add(1, Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The wait before reconnecting after a session that started at `started` ended.
+fn retry_delay(backoff: &mut Backoff, started: Instant) -> Duration {
+    if started.elapsed() >= STABLE_SESSION {
+        backoff.reset();
+    }
+    backoff.next_delay(&mut rand::thread_rng())
+}
+
+/// A telemetry ticker with the first tick after `first`.
+fn ticker_for(period: Duration, first: Duration) -> Interval {
+    let mut ticker = tokio::time::interval_at(Instant::now() + first, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
 }
 
 async fn tick(ticker: &mut Option<Interval>) {
@@ -292,7 +337,8 @@ mod tests {
     async fn sends_acked_telemetry_and_answers_commands() {
         let commands = vec![
             json!({"type":"command","id":"c-1","name":"ping","params":{}}),
-            json!({"type":"command","id":"c-2","name":"reboot","params":{"delay_s":5}}),
+            json!({"type":"command","id":"c-2","name":"fail","params":{"error":"disk full"}}),
+            json!({"type":"command","id":"c-3","name":"self_destruct","params":{}}),
         ];
         let mock = Mock::start(
             Script {
@@ -312,6 +358,7 @@ mod tests {
         assert!(acked >= 5, "acked {acked}");
         assert!(counters.sent.load(Relaxed) >= acked);
         assert_eq!(tally.total(), 0, "{:?}", tally.snapshot());
+        assert_eq!(counters.commands.load(Relaxed), 3);
 
         let first = &mock.seen.of_type("telemetry")[0];
         assert_eq!(first["id"], "sim-00001-42-0");
@@ -325,11 +372,137 @@ mod tests {
             .iter()
             .map(|m| m["id"].clone())
             .collect();
-        assert_eq!(acks, [json!("c-1"), json!("c-2")]);
+        assert_eq!(acks, [json!("c-1"), json!("c-2"), json!("c-3")]);
         let results = mock.seen.of_type("command_result");
+        assert_eq!(results[0]["id"], "c-1");
         assert_eq!(results[0]["status"], "succeeded");
-        assert!(results[0]["result"]["pong"].is_string());
-        assert_eq!(results[1]["status"], "rejected");
+        assert_eq!(results[0]["result"]["pong"], true);
+        assert!(results[0]["result"]["ts"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(
+            results[1],
+            json!({"type":"command_result","id":"c-2","status":"failed","error":"disk full"})
+        );
+        assert_eq!(
+            results[2],
+            json!({"type":"command_result","id":"c-3","status":"rejected","error":"unknown command"})
+        );
+    }
+
+    /// Every message the device sent, in order, as (type, id).
+    fn sent_in_order(mock: &Mock) -> Vec<(String, String)> {
+        let messages = mock.seen.messages.lock().unwrap();
+        messages
+            .iter()
+            .map(|m| {
+                let field = |k: &str| m[k].as_str().unwrap_or_default().to_owned();
+                (field("type"), field("id"))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_result_follows_the_ack_at_once() {
+        let commands = (0..20)
+            .map(|n| json!({"type":"command","id":format!("c-{n}"),"name":"ping"}))
+            .collect();
+        let mock = Mock::start(
+            Script {
+                commands,
+                ..Script::default()
+            },
+            None,
+        )
+        .await;
+        let (mut device, _, _, cancel) = device(&mock, mock::token()).await;
+        device.period = None;
+        let task = tokio::spawn(device.run());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let expected: Vec<_> = (0..20)
+            .flat_map(|n| {
+                let id = format!("c-{n}");
+                [
+                    ("ack".to_string(), id.clone()),
+                    ("command_result".to_string(), id),
+                ]
+            })
+            .collect();
+        assert_eq!(sent_in_order(&mock), expected);
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_reboot_is_acked_and_answered_again_but_executed_once() {
+        // The mock sends the same command on every connection, as a gateway does with a command
+        // it has no ack for.
+        let commands =
+            vec![json!({"type":"command","id":"c-1","name":"reboot","params":{"delay_s":0.1}})];
+        let mock = Mock::start(
+            Script {
+                commands,
+                ..Script::default()
+            },
+            None,
+        )
+        .await;
+        let (mut device, counters, tally, cancel) = device(&mock, mock::token()).await;
+        device.period = None;
+        let task = tokio::spawn(device.run());
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        cancel.cancel();
+        task.await.unwrap();
+
+        assert_eq!(
+            mock.seen
+                .handshakes
+                .load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
+        assert_eq!(counters.reboots.load(Relaxed), 1);
+        assert_eq!(counters.commands.load(Relaxed), 1);
+        assert_eq!(counters.duplicate_commands.load(Relaxed), 1);
+        assert_eq!(tally.total(), 0, "{:?}", tally.snapshot());
+        // The reboot closes normally (1000) and the stop at the end too.
+        assert_eq!(*mock.seen.closes.lock().unwrap(), [1000, 1000]);
+        let results = mock.seen.of_type("command_result");
+        assert_eq!(results.len(), 2);
+        assert_eq!(results[0], results[1], "the same answer both times");
+        assert_eq!(
+            results[0]["result"],
+            json!({"rebooting": true, "delay_s": 0.1})
+        );
+        let acks = mock.seen.of_type("ack");
+        assert_eq!(acks.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn set_interval_starts_and_changes_telemetry() {
+        let commands = vec![
+            json!({"type":"command","id":"c-1","name":"set_interval","params":{"interval_ms":5}}),
+            json!({"type":"command","id":"c-2","name":"set_interval","params":{"interval_ms":20}}),
+        ];
+        let mock = Mock::start(
+            Script {
+                commands,
+                ..Script::default()
+            },
+            None,
+        )
+        .await;
+        let (mut device, counters, _, cancel) = device(&mock, mock::token()).await;
+        device.period = None;
+        let task = tokio::spawn(device.run());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+        task.await.unwrap();
+
+        let results = mock.seen.of_type("command_result");
+        assert_eq!(results[0]["status"], "failed", "5 ms is below the minimum");
+        assert_eq!(results[1]["result"], json!({"interval_ms": 20}));
+        // About 25 messages in 500 ms at 20 ms; none without the command.
+        let sent = counters.sent.load(Relaxed);
+        assert!((15..=30).contains(&sent), "sent {sent}");
+        assert_eq!(mock.seen.of_type("telemetry").len() as u64, sent);
     }
 
     #[tokio::test]
@@ -425,40 +598,5 @@ mod tests {
                 >= 2
         );
         assert!(counters.reconnects.load(Relaxed) >= 1);
-    }
-
-    #[test]
-    fn readings_drift_within_physical_bounds() {
-        let mut rng = rand::thread_rng();
-        let mut sensor = Sensor::new(&mut rng);
-        let mut previous = sensor.step(&mut rng);
-        assert_eq!(previous.counter, 0);
-        for n in 1..20_000 {
-            let reading = sensor.step(&mut rng);
-            assert_eq!(reading.counter, n);
-            assert!((-20.0..=50.0).contains(&reading.temp));
-            assert!((0.0..=100.0).contains(&reading.humidity));
-            assert!((0.0..=100.0).contains(&reading.battery));
-            assert!((reading.temp - previous.temp).abs() <= 0.21);
-            assert!(reading.battery <= previous.battery);
-            previous = reading;
-        }
-    }
-
-    #[test]
-    fn ping_succeeds_and_anything_else_is_rejected() {
-        let command = |name: &str| Command {
-            id: "c-1".into(),
-            name: name.into(),
-            params: json!({}),
-        };
-        match answer(&command("ping")) {
-            Outcome::Succeeded(result) => assert!(result["pong"].is_string()),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            answer(&command("reboot")),
-            Outcome::Rejected("unknown command".into())
-        );
     }
 }

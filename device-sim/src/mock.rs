@@ -43,6 +43,8 @@ pub struct Seen {
     pub handshakes: AtomicUsize,
     pub pongs: AtomicUsize,
     pub messages: Mutex<Vec<Value>>,
+    /// Close codes the devices sent.
+    pub closes: Mutex<Vec<u16>>,
 }
 
 impl Seen {
@@ -164,6 +166,11 @@ where
             Message::Text(text) => text,
             Message::Pong(_) => {
                 seen.pongs.fetch_add(1, SeqCst);
+                continue;
+            }
+            Message::Close(frame) => {
+                let code = frame.map_or(1005, |f| u16::from(f.code));
+                seen.closes.lock().unwrap().push(code);
                 continue;
             }
             _ => continue,

@@ -115,6 +115,7 @@ struct Summary {
     acked: u64,
     errors: u64,
     reconnects: u64,
+    commands: u64,
 }
 
 impl Summary {
@@ -126,13 +127,20 @@ impl Summary {
             acked: counters.acked.load(Relaxed),
             errors: tally.total(),
             reconnects: counters.reconnects.load(Relaxed),
+            commands: counters.commands.load(Relaxed),
         }
     }
 
     fn line(&self) -> String {
         format!(
-            "devices={} connected={} sent={} acked={} errors={} reconnects={}",
-            self.devices, self.connected, self.sent, self.acked, self.errors, self.reconnects
+            "devices={} connected={} sent={} acked={} errors={} reconnects={} commands={}",
+            self.devices,
+            self.connected,
+            self.sent,
+            self.acked,
+            self.errors,
+            self.reconnects,
+            self.commands
         )
     }
 
@@ -144,6 +152,7 @@ impl Summary {
             "acked": self.acked,
             "errors": self.errors,
             "reconnects": self.reconnects,
+            "commands": self.commands,
         })
     }
 }
@@ -161,14 +170,15 @@ mod tests {
             acked: 9,
             errors: 1,
             reconnects: 4,
+            commands: 5,
         };
         assert_eq!(
             summary.line(),
-            "devices=3 connected=2 sent=10 acked=9 errors=1 reconnects=4"
+            "devices=3 connected=2 sent=10 acked=9 errors=1 reconnects=4 commands=5"
         );
         assert_eq!(
             summary.json(),
-            serde_json::json!({"devices":3,"connected":2,"sent":10,"acked":9,"errors":1,"reconnects":4})
+            serde_json::json!({"devices":3,"connected":2,"sent":10,"acked":9,"errors":1,"reconnects":4,"commands":5})
         );
     }
 }
