@@ -70,7 +70,7 @@ fn check_name(name: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-async fn find(state: &ApiState, id: &str) -> Result<DeviceRow, ApiError> {
+pub(super) async fn find(state: &ApiState, id: &str) -> Result<DeviceRow, ApiError> {
     state
         .store
         .get_device(id)

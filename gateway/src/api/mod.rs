@@ -1,6 +1,8 @@
 //! The operator HTTP API (axum): `router()`, the error type, auth and body extraction.
 
+mod commands;
 mod devices;
+mod events;
 mod health;
 pub mod https;
 pub mod key;
@@ -19,6 +21,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
+use crate::commands::Commands;
+use crate::events::Events;
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
 
@@ -30,6 +34,8 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct ApiState {
     pub store: Store,
     pub hub: Arc<Hub>,
+    pub commands: Arc<Commands>,
+    pub events: Arc<Events>,
     pub api_key: Arc<key::ApiKey>,
     pub shutdown: CancellationToken,
 }
@@ -73,6 +79,10 @@ impl ApiError {
             "unauthorized",
             "missing or wrong API key: send Authorization: Bearer <api key>",
         )
+    }
+    /// 429 `rate_limited`.
+    pub fn rate_limited(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
     }
     /// 503 `unavailable`.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
@@ -162,6 +172,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/devices/{id}/sessions", get(devices::sessions))
         .route("/devices/{id}/telemetry", get(telemetry::query))
         .route("/devices/{id}/telemetry/latest", get(telemetry::latest))
+        .route(
+            "/devices/{id}/commands",
+            post(commands::create).get(commands::list),
+        )
+        .route("/commands/{command_id}", get(commands::show))
+        .route("/commands/{command_id}/cancel", post(commands::cancel))
+        .route("/events", get(events::stream))
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
