@@ -34,8 +34,8 @@ const ONLINE_CHECKS: usize = 16;
 pub struct Measured {
     /// Client-side round trips, in microseconds.
     pub round_trip_us: Histogram<u64>,
-    /// The gateway's own `created_at` -> `completed_at`, in microseconds.
-    pub gateway_us: Histogram<u64>,
+    /// The gateway's own `created_at` -> `completed_at`, in milliseconds (its timestamps' unit).
+    pub gateway_ms: Histogram<u64>,
     pub succeeded: u64,
 }
 
@@ -43,7 +43,7 @@ impl Measured {
     fn new() -> Result<Measured> {
         Ok(Measured {
             round_trip_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
-            gateway_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+            gateway_ms: Histogram::new_with_bounds(1, MAX_LATENCY_US / 1000, 3)?,
             succeeded: 0,
         })
     }
@@ -53,7 +53,7 @@ impl Measured {
         self.round_trip_us
             .add(&other.round_trip_us)
             .map_err(merge)?;
-        self.gateway_us.add(&other.gateway_us).map_err(merge)?;
+        self.gateway_ms.add(&other.gateway_ms).map_err(merge)?;
         self.succeeded += other.succeeded;
         Ok(())
     }
@@ -397,10 +397,8 @@ async fn one_command(
         Ok((201, command)) if command["status"] == "succeeded" => {
             measured.succeeded += 1;
             measured.round_trip_us.saturating_record(micros);
-            if let Some(gateway) = gateway_time_us(&command) {
-                measured
-                    .gateway_us
-                    .saturating_record(gateway.clamp(1, MAX_LATENCY_US));
+            if let Some(gateway) = gateway_time_ms(&command) {
+                measured.gateway_ms.saturating_record(gateway);
             }
         }
         Ok((status, command)) => {
@@ -412,11 +410,11 @@ async fn one_command(
     }
 }
 
-/// `completed_at - created_at` of a command, in microseconds (the gateway keeps milliseconds).
-fn gateway_time_us(command: &Value) -> Option<u64> {
+/// `completed_at - created_at` of a command, in milliseconds.
+fn gateway_time_ms(command: &Value) -> Option<u64> {
     let time = |field: &str| DateTime::parse_from_rfc3339(command[field].as_str()?).ok();
     let elapsed = time("completed_at")? - time("created_at")?;
-    u64::try_from(elapsed.num_microseconds()?).ok()
+    u64::try_from(elapsed.num_milliseconds()).ok()
 }
 
 #[cfg(test)]

@@ -38,12 +38,13 @@ pub struct Report {
     pub background: Option<Background>,
 }
 
-/// p50, p90, p99 and max of a histogram of microseconds, in milliseconds (zeros when empty).
-fn quantiles_ms(histogram: &Histogram<u64>) -> [f64; 4] {
+/// p50, p90, p99 and max of a histogram of values in `unit_us` microseconds, in milliseconds
+/// (zeros when empty).
+fn quantiles_ms(histogram: &Histogram<u64>, unit_us: u64) -> [f64; 4] {
     if histogram.is_empty() {
         return [0.0; 4];
     }
-    let ms = |micros: u64| micros as f64 / 1000.0;
+    let ms = |value: u64| (value * unit_us) as f64 / 1000.0;
     [
         ms(histogram.value_at_quantile(0.50)),
         ms(histogram.value_at_quantile(0.90)),
@@ -71,8 +72,8 @@ impl Report {
 
     /// One JSON object; latencies in milliseconds.
     pub fn json(&self) -> Value {
-        let [p50, p90, p99, max] = quantiles_ms(&self.measured.round_trip_us);
-        let [gw50, gw90, gw99, gwmax] = quantiles_ms(&self.measured.gateway_us);
+        let [p50, p90, p99, max] = quantiles_ms(&self.measured.round_trip_us, 1);
+        let [gw50, gw90, gw99, gwmax] = quantiles_ms(&self.measured.gateway_ms, 1000);
         let background = self.background.as_ref().map(|b| {
             json!({"devices": b.devices, "connected": b.connected, "pace": b.pace,
                    "acked": b.acked, "msgs_per_sec": round1(b.msgs_per_sec)})
@@ -97,8 +98,8 @@ impl Report {
 
     /// A few lines for people.
     pub fn table(&self) -> String {
-        let [p50, p90, p99, max] = quantiles_ms(&self.measured.round_trip_us);
-        let [gw50, gw90, gw99, gwmax] = quantiles_ms(&self.measured.gateway_us);
+        let [p50, p90, p99, max] = quantiles_ms(&self.measured.round_trip_us, 1);
+        let [gw50, gw90, gw99, gwmax] = quantiles_ms(&self.measured.gateway_ms, 1000);
         let mut out = format!(
             "bench-commands: {} ping commands over {} devices, {} operators, wait_s {} (after {} warm-up commands)\n",
             self.commands, self.devices, self.concurrency, self.wait_s, self.warmup_commands
@@ -140,11 +141,11 @@ mod tests {
 
     fn report() -> Report {
         let mut round_trip_us = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
-        let mut gateway_us = round_trip_us.clone();
+        let mut gateway_ms = Histogram::new_with_bounds(1, 60_000, 3).unwrap();
         // Below 2048 µs the histogram is exact to the microsecond.
         for n in 1..=100 {
             round_trip_us.record(n * 10).unwrap();
-            gateway_us.record(n * 5).unwrap();
+            gateway_ms.record(n / 4).unwrap();
         }
         Report {
             devices: 10,
@@ -155,7 +156,7 @@ mod tests {
             elapsed: Duration::from_millis(250),
             measured: Measured {
                 round_trip_us,
-                gateway_us,
+                gateway_ms,
                 succeeded: 100,
             },
             command_errors: BTreeMap::new(),
@@ -173,7 +174,8 @@ mod tests {
         assert_eq!(json["p90_ms"], 0.9);
         assert_eq!(json["p99_ms"], 0.99);
         assert_eq!(json["max_ms"], 1.0);
-        assert_eq!(json["gateway_p50_ms"], 0.25);
+        assert_eq!(json["gateway_p50_ms"], 12.0);
+        assert_eq!(json["gateway_max_ms"], 25.0);
         assert_eq!(json["errors"], 0);
         assert_eq!(json["background"], Value::Null);
     }

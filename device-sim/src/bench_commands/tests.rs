@@ -64,7 +64,7 @@ async fn every_command_round_trips_with_one_outstanding_per_device() {
     );
     assert_eq!(report.measured.succeeded, 40);
     assert_eq!(report.measured.round_trip_us.len(), 40);
-    assert_eq!(report.measured.gateway_us.len(), 40);
+    assert_eq!(report.measured.gateway_ms.len(), 40);
     assert_eq!((report.concurrency, report.warmup_commands), (5, 5));
     // 40 measured and 5 warm-up commands, round-robin: 9 for each device.
     let per_device = mock.shared.per_device.lock().unwrap().clone();
@@ -168,9 +168,9 @@ fn background_options_must_agree() {
 #[test]
 fn the_gateway_time_comes_from_the_command_timestamps() {
     let command = json!({"created_at": "2026-11-25T10:00:00.120Z", "completed_at": "2026-11-25T10:00:00.125Z"});
-    assert_eq!(gateway_time_us(&command), Some(5_000));
+    assert_eq!(gateway_time_ms(&command), Some(5));
     assert_eq!(
-        gateway_time_us(&json!({"created_at": "2026-11-25T10:00:00.120Z", "completed_at": null})),
+        gateway_time_ms(&json!({"created_at": "2026-11-25T10:00:00.120Z", "completed_at": null})),
         None
     );
 }
