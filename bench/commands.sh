@@ -8,7 +8,9 @@
 #   2. no other load, 100 operators,
 #   3. 100 operators, 100 other devices streaming telemetry at a fixed rate,
 #   4. 100 operators, 100 other devices each keeping 8 telemetry messages in flight (as much as
-#      the gateway takes).
+#      the gateway takes),
+# and, for reference, the same saturating telemetry alone (`device-sim bench`, 10 s), so that the
+# last run can be read against telemetry without commands on the same build and machine.
 # The gateway runs from a fresh temporary directory (database, development certificates) that is
 # removed at the end. Everything stops by itself; every wait has a time limit.
 #
@@ -136,6 +138,17 @@ run rate "$CMD_CONCURRENCY" --background-devices "$BG_DEVICES" --background-rate
 run inflight "$CMD_CONCURRENCY" --background-devices "$BG_DEVICES" --background-inflight "$BG_INFLIGHT" \
     --background-warmup "$BG_WARMUP"
 
+# --- reference: the saturating telemetry alone ------------------------------------------
+log "reference: telemetry alone, $BG_DEVICES devices x $BG_INFLIGHT in flight for 10 s"
+REF_STATUS=0
+(
+    export DEVICE_SIM_URL=$DEVICE_URL GATEWAY_API_URL=$API_URL GATEWAY_API_KEY=$API_KEY
+    exec timeout 120 "$SIM_BIN" --ca "$TMP/certs/ca.pem" --tokens "$TMP/data/sim-tokens.json" \
+        --prefix sim-bg bench --devices "$BG_DEVICES" --inflight "$BG_INFLIGHT" \
+        --duration 10s --warmup 2s --json
+) >"$TMP/reference.json" || REF_STATUS=$?
+[[ $REF_STATUS -eq 0 || $REF_STATUS -eq 2 ]] || die "device-sim bench (reference) failed (status $REF_STATUS)"
+
 # --- stop the gateway -------------------------------------------------------------------
 kill -TERM "$GATEWAY_PID"
 wait_for_exit "$GATEWAY_PID" 30
@@ -168,4 +181,5 @@ for name in serial none rate inflight; do
     [[ ${STATUS[$name]} -eq 0 ]] || echo "errors in '$name' (device-sim exit status ${STATUS[$name]}): $kinds"
 done
 echo "gw p50/p99: the gateway's own created_at -> completed_at (millisecond timestamps)"
+echo "reference: the background of the last run alone, no commands: $(json_field "$TMP/reference.json" msgs_per_sec) msgs/s acked (ack p50 $(json_field "$TMP/reference.json" p50_ms) ms, p99 $(json_field "$TMP/reference.json" p99_ms) ms, $(json_field "$TMP/reference.json" errors) errors)"
 echo "gateway exit $GATEWAY_EXIT after SIGTERM"
