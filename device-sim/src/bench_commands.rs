@@ -21,7 +21,7 @@ use crate::background::{Background, Pace};
 use crate::bench_report::{Background as BackgroundReport, Report};
 use crate::cli::{BenchCommandsArgs, Common};
 use crate::conn::Target;
-use crate::device::{Counters, Device};
+use crate::device::{Counters, Device, Profile};
 use crate::fleet::{self, Connector};
 use crate::stats::{self, ErrorTally};
 
@@ -275,6 +275,7 @@ fn start_devices(
             token,
             boot,
             period: None,
+            profile: Profile::default(),
             connector: connector.clone(),
             counters: counters.clone(),
             tally: tally.clone(),

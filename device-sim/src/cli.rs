@@ -92,6 +92,20 @@ pub struct RunArgs {
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Readings each device keeps while it cannot send them (the oldest are dropped, and
+    /// counted, past it).
+    #[arg(long, default_value_t = 10_000)]
+    pub buffer: usize,
+    /// Chance per second per device of dropping the connection abruptly (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::chaos::parse_probability)]
+    pub chaos_disconnect_rate: f64,
+    /// Chance that a telemetry message is sent twice, same id (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::chaos::parse_probability)]
+    pub chaos_duplicate_rate: f64,
+    /// Offset of the devices' clocks from real time (`30s`, `-2m`): telemetry timestamps and
+    /// command results carry it.
+    #[arg(long, default_value = "0s", value_parser = crate::chaos::parse_skew, allow_hyphen_values = true)]
+    pub clock_skew: chrono::TimeDelta,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -241,6 +255,27 @@ mod tests {
         assert_eq!((args.concurrency, args.background_devices), (None, 0));
         assert!(parse(&["--background-rate", "10"]).is_ok());
         assert!(parse(&["--background-rate", "10", "--background-inflight", "8"]).is_err());
+    }
+
+    #[test]
+    fn run_takes_chaos_options() {
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "run",
+            "--chaos-disconnect-rate",
+            "0.01",
+            "--clock-skew",
+            "-30s",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.chaos_disconnect_rate, 0.01);
+        assert_eq!(args.chaos_duplicate_rate, 0.0);
+        assert_eq!(args.clock_skew, chrono::TimeDelta::seconds(-30));
+        assert_eq!(args.buffer, 10_000);
+        assert!(Cli::try_parse_from(["device-sim", "run", "--chaos-duplicate-rate", "2"]).is_err());
     }
 
     #[test]
