@@ -43,7 +43,7 @@ pub struct Common {
     )]
     pub api_url: String,
 
-    /// Operator API key (needed only with --provision); prefer the environment variable.
+    /// Operator API key (for --provision and bench-commands); prefer the environment variable.
     #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<Secret>,
 
