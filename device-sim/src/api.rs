@@ -1,5 +1,5 @@
-//! The operator API, as far as provisioning needs it: create devices and rotate tokens,
-//! many requests at a time.
+//! The operator API, as far as the simulator needs it: create devices and rotate tokens (many
+//! requests at a time), and plain JSON calls for the command benchmark.
 
 use std::time::Duration;
 
@@ -76,20 +76,59 @@ enum Created {
 }
 
 impl Api {
-    /// A client for the API at `base` (e.g. `http://127.0.0.1:8080/v1`).
+    /// A client for the API at `base` (e.g. `http://127.0.0.1:8080/v1`), for provisioning.
     pub fn new(base: &str, key: Secret) -> Result<Api> {
+        Api::with_limits(base, key, Duration::from_secs(15), CONCURRENCY)
+    }
+
+    /// A client whose requests time out after `timeout` and which keeps up to `connections`
+    /// idle connections (as many as requests run at once, so none is reopened).
+    pub fn with_limits(
+        base: &str,
+        key: Secret,
+        timeout: Duration,
+        connections: usize,
+    ) -> Result<Api> {
         if !base.starts_with("http://") {
             bail!("--api-url `{base}` must be http:// (device-sim talks plain HTTP to the loopback operator API)");
         }
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .pool_max_idle_per_host(CONCURRENCY)
+            .timeout(timeout)
+            .pool_max_idle_per_host(connections)
+            .tcp_nodelay(true)
             .build()?;
         Ok(Api {
             client,
             base: base.trim_end_matches('/').to_owned(),
             key,
         })
+    }
+
+    /// `GET {base}{path}`: the status and the JSON body (`null` when the body is not JSON).
+    pub async fn get(&self, path: &str) -> Result<(u16, serde_json::Value), ApiError> {
+        let request = self.client.get(format!("{}{path}", self.base));
+        self.call(request).await
+    }
+
+    /// `POST {base}{path}` with a JSON body: the status and the JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value), ApiError> {
+        let request = self.client.post(format!("{}{path}", self.base)).json(body);
+        self.call(request).await
+    }
+
+    async fn call(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, serde_json::Value), ApiError> {
+        let response = request.bearer_auth(self.key.expose()).send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        Ok((status, body))
     }
 
     async fn create_device(&self, id: &str) -> Result<Created, ApiError> {

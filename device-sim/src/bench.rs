@@ -191,7 +191,7 @@ struct BenchData<'a> {
 }
 
 /// A telemetry message of about `target` bytes (exactly, unless the bare message is longer).
-fn bench_message(id: &str, ts: &str, seq: u64, target: usize) -> String {
+pub fn bench_message(id: &str, ts: &str, seq: u64, target: usize) -> String {
     let temp = 20.0 + (seq % 100) as f64 / 10.0;
     let bare = proto::telemetry(id, ts, &BenchData { seq, temp, pad: "" });
     let pad = "x".repeat(target.saturating_sub(bare.len()));

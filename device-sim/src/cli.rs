@@ -43,7 +43,7 @@ pub struct Common {
     )]
     pub api_url: String,
 
-    /// Operator API key (needed only with --provision); prefer the environment variable.
+    /// Operator API key (for --provision and bench-commands); prefer the environment variable.
     #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<Secret>,
 
@@ -71,6 +71,9 @@ pub enum Command {
     Run(RunArgs),
     /// Measure acked telemetry throughput and ack latency with a fixed number of messages in flight.
     Bench(BenchArgs),
+    /// Measure command round trips through the operator API (POST with wait_s until succeeded),
+    /// optionally with other devices streaming telemetry meanwhile.
+    BenchCommands(BenchCommandsArgs),
     /// Open many connections, report how long they took, and hold them open.
     Idle(IdleArgs),
     /// Only create the devices and write the tokens file.
@@ -89,6 +92,20 @@ pub struct RunArgs {
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Readings each device keeps while it cannot send them (the oldest are dropped, and
+    /// counted, past it).
+    #[arg(long, default_value_t = 10_000)]
+    pub buffer: usize,
+    /// Chance per second per device of dropping the connection abruptly (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::chaos::parse_probability)]
+    pub chaos_disconnect_rate: f64,
+    /// Chance that a telemetry message is sent twice, same id (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::chaos::parse_probability)]
+    pub chaos_duplicate_rate: f64,
+    /// Offset of the devices' clocks from real time (`30s`, `-2m`): telemetry timestamps and
+    /// command results carry it.
+    #[arg(long, default_value = "0s", value_parser = crate::chaos::parse_skew, allow_hyphen_values = true)]
+    pub clock_skew: chrono::TimeDelta,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -112,6 +129,46 @@ pub struct BenchArgs {
     /// Approximate size of each telemetry message, in bytes of JSON.
     #[arg(long, default_value_t = 200)]
     pub payload_bytes: usize,
+    /// Print the results as one JSON object on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `bench-commands`.
+#[derive(Debug, Args)]
+pub struct BenchCommandsArgs {
+    /// Devices that answer the commands (ids `{prefix}-00001`...); created when missing.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Commands measured, spread round-robin over the devices.
+    #[arg(long, default_value_t = 1000)]
+    pub commands: usize,
+    /// Operators sending at once, each waiting for its answer before its next command
+    /// [default: --devices, so that no device has more than one command outstanding].
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Commands sent first and not measured (they open the HTTP connections)
+    /// [default: one per operator].
+    #[arg(long)]
+    pub warmup_commands: Option<usize>,
+    /// The `wait_s` of each command (0..60).
+    #[arg(long, default_value_t = 10)]
+    pub wait_s: u64,
+    /// Other devices streaming telemetry during the measurement (ids `{prefix}-bg-00001`...).
+    #[arg(long, default_value_t = 0)]
+    pub background_devices: usize,
+    /// Telemetry messages per second per background device.
+    #[arg(long, conflicts_with = "background_inflight")]
+    pub background_rate: Option<f64>,
+    /// Telemetry messages each background device keeps in flight (as fast as acks come).
+    #[arg(long)]
+    pub background_inflight: Option<usize>,
+    /// How long the background load runs before the measurement starts.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub background_warmup: Duration,
+    /// How long to wait for every device to be online (per the API) before giving up.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub online_timeout: Duration,
     /// Print the results as one JSON object on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
@@ -182,6 +239,43 @@ mod tests {
         for bad in ["", "s", "10x", "-1s", "1.2.3s", "ms"] {
             assert!(parse_duration(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn bench_commands_takes_one_background_pace_at_most() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["device-sim", "bench-commands"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv)
+        };
+        let Command::BenchCommands(args) = parse(&[]).unwrap().command else {
+            panic!("not bench-commands")
+        };
+        assert_eq!((args.devices, args.commands, args.wait_s), (100, 1000, 10));
+        assert_eq!((args.concurrency, args.background_devices), (None, 0));
+        assert!(parse(&["--background-rate", "10"]).is_ok());
+        assert!(parse(&["--background-rate", "10", "--background-inflight", "8"]).is_err());
+    }
+
+    #[test]
+    fn run_takes_chaos_options() {
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "run",
+            "--chaos-disconnect-rate",
+            "0.01",
+            "--clock-skew",
+            "-30s",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.chaos_disconnect_rate, 0.01);
+        assert_eq!(args.chaos_duplicate_rate, 0.0);
+        assert_eq!(args.clock_skew, chrono::TimeDelta::seconds(-30));
+        assert_eq!(args.buffer, 10_000);
+        assert!(Cli::try_parse_from(["device-sim", "run", "--chaos-duplicate-rate", "2"]).is_err());
     }
 
     #[test]

@@ -1,92 +1,84 @@
-//! One simulated device for `run`: sensor readings on a random walk, answers to commands, and
-//! reconnects with backoff as a well-behaved device does.
+//! One simulated device for `run` (and the command benchmark): telemetry from its sensor through
+//! a store-and-forward outbox, prompt answers to commands, reconnects with backoff as a
+//! well-behaved device does, and, when asked, faults injected on purpose.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rand::Rng;
-use serde::Serialize;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::chaos::{Chaos, Clock};
+use crate::commands::{self, Action, RecentCommands};
 use crate::conn::{self, Ws, FINAL_CLOSE_CODES};
 use crate::fleet::Connector;
-use crate::proto::{self, Command, Incoming, Outcome};
-use crate::stats::ErrorTally;
+use crate::outbox::{Outbox, Point, Refused};
+use crate::proto::{self, Command, Incoming};
+use crate::sensor::Sensor;
+use crate::stats::{ErrorTally, Latency};
 use crate::tokens::Secret;
 
 /// A session that lasted this long was healthy: the next reconnect starts from a short delay.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// Before a simulated reboot, how long to wait for the gateway to ack (store) the result.
+const RESULT_ACK_WAIT: Duration = Duration::from_secs(2);
+/// Telemetry messages a device keeps sent and unacked at most; more readings wait in the buffer.
+const MAX_IN_FLIGHT: usize = 64;
+/// The message size limit until a welcome announces one (the protocol's default).
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 65_536;
 
 /// Fleet-wide counters.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Telemetry messages sent (first sends; see `resent` and `duplicates_sent`).
     pub sent: AtomicU64,
+    /// Telemetry messages acked (each once).
     pub acked: AtomicU64,
+    /// Send-to-ack latency of telemetry.
+    pub latency: Latency,
     pub reconnects: AtomicU64,
     pub connected: AtomicI64,
+    /// Messages sent again after a reconnect because they had no ack.
+    pub resent: AtomicU64,
+    /// Readings dropped because the buffer was full (the oldest go first).
+    pub dropped: AtomicU64,
+    /// Readings the gateway refused for good (an `error` other than `rate_limited`/`internal`).
+    pub rejected: AtomicU64,
+    /// Readings still buffered or unacked when the devices stopped.
+    pub unsent: AtomicU64,
+    /// Commands executed (each id once).
+    pub commands: AtomicU64,
+    /// Commands received again after they were executed (acked and answered, not executed).
+    pub duplicate_commands: AtomicU64,
+    /// Simulated reboots (`reboot` commands).
+    pub reboots: AtomicU64,
+    /// Connections dropped on purpose (`--chaos-disconnect-rate`).
+    pub chaos_disconnects: AtomicU64,
+    /// Messages sent twice on purpose (`--chaos-duplicate-rate`).
+    pub duplicates_sent: AtomicU64,
 }
 
-/// One reading, the `data` of a telemetry message.
-#[derive(Debug, Serialize, PartialEq)]
-pub struct Reading {
-    pub temp: f64,
-    pub humidity: f64,
-    pub battery: f64,
-    pub counter: u64,
-    pub state: &'static str,
+/// How a device behaves beyond the protocol.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Profile {
+    /// Readings kept while they cannot be sent, at most.
+    pub buffer: usize,
+    pub chaos: Chaos,
+    pub clock: Clock,
 }
 
-/// Sensor values that drift a little with every reading.
-#[derive(Debug)]
-pub struct Sensor {
-    temp: f64,
-    humidity: f64,
-    battery: f64,
-    counter: u64,
-}
-
-impl Sensor {
-    /// A sensor starting at plausible indoor values.
-    pub fn new(rng: &mut impl Rng) -> Sensor {
-        Sensor {
-            temp: rng.gen_range(18.0..24.0),
-            humidity: rng.gen_range(35.0..55.0),
-            battery: rng.gen_range(60.0..100.0),
-            counter: 0,
+impl Default for Profile {
+    fn default() -> Self {
+        Profile {
+            buffer: 10_000,
+            chaos: Chaos::default(),
+            clock: Clock::default(),
         }
-    }
-
-    /// The next reading; `counter` counts readings from 0.
-    pub fn step(&mut self, rng: &mut impl Rng) -> Reading {
-        self.temp = (self.temp + rng.gen_range(-0.2..=0.2)).clamp(-20.0, 50.0);
-        self.humidity = (self.humidity + rng.gen_range(-0.5..=0.5)).clamp(0.0, 100.0);
-        self.battery = (self.battery - rng.gen_range(0.0..0.01)).max(0.0);
-        let reading = Reading {
-            temp: round2(self.temp),
-            humidity: round2(self.humidity),
-            battery: round2(self.battery),
-            counter: self.counter,
-            state: "ok",
-        };
-        self.counter += 1;
-        reading
-    }
-}
-
-fn round2(value: f64) -> f64 {
-    (value * 100.0).round() / 100.0
-}
-
-/// What the simulated device answers to a command.
-pub fn answer(command: &Command) -> Outcome {
-    match command.name.as_str() {
-        "ping" => Outcome::Succeeded(serde_json::json!({"pong": proto::now_rfc3339()})),
-        _ => Outcome::Rejected("unknown command".into()),
     }
 }
 
@@ -96,6 +88,29 @@ enum SessionEnd {
     Cancelled,
     Closed(u16),
     Lost(String),
+    /// Closed by the device itself for a `reboot` command; offline this long.
+    Rebooted(Duration),
+    /// Dropped by the device on purpose, without a close.
+    Chaos,
+}
+
+/// What a device keeps across sessions and simulated reboots (its "flash").
+struct State {
+    sensor: Sensor,
+    /// Ticks when a reading is due; `None` takes none (until `set_interval`).
+    ticker: Option<Interval>,
+    recent: RecentCommands,
+    outbox: Outbox,
+    /// Number of the next telemetry message, part of its id.
+    next_message: u64,
+    /// The gateway's message size limit, from the last welcome.
+    max_message_bytes: usize,
+}
+
+/// What the session does after a frame was handled.
+enum Next {
+    Continue,
+    Reboot { command_id: String, delay: Duration },
 }
 
 /// One device of a `run` fleet.
@@ -104,8 +119,9 @@ pub struct Device {
     pub token: Secret,
     /// Part of every message id, so ids stay unique across runs.
     pub boot: u64,
-    /// Time between telemetry messages; `None` sends none.
+    /// Time between readings at start; `None` takes none (until `set_interval`).
     pub period: Option<Duration>,
+    pub profile: Profile,
     pub connector: Arc<Connector>,
     pub counters: Arc<Counters>,
     pub tally: Arc<ErrorTally>,
@@ -113,68 +129,120 @@ pub struct Device {
 }
 
 impl Device {
-    /// Connects, runs sessions and reconnects until cancelled or refused for good.
+    /// Connects, runs sessions and reconnects until cancelled or refused for good; readings
+    /// taken while offline are buffered and sent after the next connect.
     pub async fn run(self) {
         let mut backoff = Backoff::device();
-        let mut sensor = Sensor::new(&mut rand::thread_rng());
+        let mut state = State {
+            sensor: Sensor::new(&mut rand::thread_rng()),
+            // A random phase spreads a fleet's messages over the period.
+            ticker: self
+                .period
+                .map(|period| ticker_for(period, period.mul_f64(rand::random::<f64>()))),
+            recent: RecentCommands::default(),
+            outbox: Outbox::new(self.profile.buffer, MAX_IN_FLIGHT),
+            next_message: 0,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+        };
         loop {
-            let attempt = tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                attempt = self.connector.once(&self.token) => attempt,
+            let connect = self.connector.once(&self.token);
+            let Some(attempt) = self.offline(&mut state, connect).await else {
+                return self.stop(&state);
             };
-            let retry_after = match attempt {
-                Ok((ws, _welcome)) => {
+            let delay = match attempt {
+                Ok((ws, welcome)) => {
+                    if let Some(max) = welcome.limits.max_message_bytes {
+                        state.max_message_bytes = usize::try_from(max).unwrap_or(usize::MAX);
+                    }
                     let started = Instant::now();
                     self.counters.connected.fetch_add(1, Relaxed);
-                    let end = self.session(ws, &mut sensor).await;
+                    let end = self.session(ws, &mut state).await;
                     self.counters.connected.fetch_sub(1, Relaxed);
                     match end {
-                        SessionEnd::Cancelled => return,
+                        SessionEnd::Cancelled => return self.stop(&state),
+                        SessionEnd::Rebooted(delay) => {
+                            self.counters.reboots.fetch_add(1, Relaxed);
+                            backoff.reset();
+                            delay
+                        }
                         SessionEnd::Closed(code) if FINAL_CLOSE_CODES.contains(&code) => {
                             let detail = format!("{} stops (no reconnect after {code})", self.id);
                             self.tally.record(&format!("closed: {code}"), detail);
-                            return;
+                            return self.stop(&state);
                         }
                         SessionEnd::Closed(code) => {
-                            self.tally.record(&format!("closed: {code}"), &self.id)
+                            self.tally.record(&format!("closed: {code}"), &self.id);
+                            retry_delay(&mut backoff, started)
                         }
-                        SessionEnd::Lost(why) => self.tally.record("connection lost", why),
+                        SessionEnd::Lost(why) => {
+                            self.tally.record("connection lost", why);
+                            retry_delay(&mut backoff, started)
+                        }
+                        SessionEnd::Chaos => {
+                            self.counters.chaos_disconnects.fetch_add(1, Relaxed);
+                            retry_delay(&mut backoff, started)
+                        }
                     }
-                    if started.elapsed() >= STABLE_SESSION {
-                        backoff.reset();
-                    }
-                    None
                 }
                 Err(e) if e.is_final() => {
                     let detail = format!("{}: {e}; this device stops", self.id);
                     self.tally.record(&e.kind(), detail);
-                    return;
+                    return self.stop(&state);
                 }
                 Err(e) => {
                     self.tally.record(&e.kind(), &e);
-                    e.retry_after()
+                    let jitter = backoff.next_delay(&mut rand::thread_rng());
+                    jitter.max(e.retry_after().unwrap_or_default())
                 }
             };
-            let delay = backoff
-                .next_delay(&mut rand::thread_rng())
-                .max(retry_after.unwrap_or_default());
-            tokio::select! {
-                _ = self.cancel.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+            if self
+                .offline(&mut state, tokio::time::sleep(delay))
+                .await
+                .is_none()
+            {
+                return self.stop(&state);
             }
             self.counters.reconnects.fetch_add(1, Relaxed);
         }
     }
 
-    async fn session(&self, mut ws: Ws, sensor: &mut Sensor) -> SessionEnd {
-        let prefix = format!("{}-{}-", self.id, self.boot);
-        let mut ticker = self.period.map(|period| {
-            // A random phase spreads a fleet's messages over the period.
-            let phase = period.mul_f64(rand::random::<f64>());
-            let mut ticker = tokio::time::interval_at(Instant::now() + phase, period);
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            ticker
-        });
+    /// Waits for `until` while offline, taking readings into the buffer meanwhile; `None` when
+    /// cancelled first.
+    async fn offline<F: Future>(&self, state: &mut State, until: F) -> Option<F::Output> {
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return None,
+                output = &mut until => return Some(output),
+                _ = tick(&mut state.ticker) => self.take_reading(state),
+            }
+        }
+    }
+
+    /// Counts what is left unsent when the device stops: nothing goes missing silently.
+    fn stop(&self, state: &State) {
+        let left = state.outbox.waiting() + state.outbox.unacked_points();
+        self.counters.unsent.fetch_add(left as u64, Relaxed);
+    }
+
+    fn take_reading(&self, state: &mut State) {
+        let reading = state.sensor.step(&mut rand::thread_rng());
+        let point = Point {
+            ts: self.profile.clock.now_rfc3339(),
+            data: serde_json::to_value(&reading).expect("readings serialize"),
+        };
+        let dropped = state.outbox.push(point);
+        if dropped > 0 {
+            self.counters.dropped.fetch_add(dropped, Relaxed);
+        }
+    }
+
+    async fn session(&self, mut ws: Ws, state: &mut State) -> SessionEnd {
+        if let Err(e) = self.catch_up(&mut ws, state).await {
+            return SessionEnd::Lost(e);
+        }
+        let mut chaos = (self.profile.chaos.disconnect_rate > 0.0)
+            .then(|| ticker_for(Duration::from_secs(1), Duration::from_secs(1)));
         let mut close_code = None;
         loop {
             tokio::select! {
@@ -182,14 +250,17 @@ impl Device {
                     conn::close(&mut ws).await;
                     return SessionEnd::Cancelled;
                 }
-                _ = tick(&mut ticker) => {
-                    let reading = sensor.step(&mut rand::thread_rng());
-                    let id = proto::message_id(&self.id, self.boot, reading.counter);
-                    let text = proto::telemetry(&id, &proto::now_rfc3339(), &reading);
-                    if let Err(e) = ws.send(Message::text(text)).await {
-                        return SessionEnd::Lost(e.to_string());
+                _ = tick(&mut state.ticker) => {
+                    self.take_reading(state);
+                    if let Err(e) = self.send_waiting(&mut ws, state).await {
+                        return SessionEnd::Lost(e);
                     }
-                    self.counters.sent.fetch_add(1, Relaxed);
+                }
+                _ = tick(&mut chaos) => {
+                    if self.profile.chaos.disconnect_now(&mut rand::thread_rng()) {
+                        // Dropping the socket without a close frame (or a TLS close_notify).
+                        return SessionEnd::Chaos;
+                    }
                 }
                 frame = ws.next() => match frame {
                     // After the gateway's close frame, the end of the stream (or the TCP
@@ -199,11 +270,15 @@ impl Device {
                     }
                     None => return SessionEnd::Lost("closed without a close frame".into()),
                     Some(Err(e)) => return SessionEnd::Lost(e.to_string()),
-                    Some(Ok(Message::Text(text))) => {
-                        if let Err(e) = self.handle(&mut ws, &text, &prefix).await {
-                            return SessionEnd::Lost(e);
+                    Some(Ok(Message::Text(text))) => match self.handle(&mut ws, &text, state).await {
+                        Err(e) => return SessionEnd::Lost(e),
+                        Ok(Next::Continue) => {}
+                        Ok(Next::Reboot { command_id, delay }) => {
+                            self.await_ack(&mut ws, &command_id, state).await;
+                            conn::close(&mut ws).await;
+                            return SessionEnd::Rebooted(delay);
                         }
-                    }
+                    },
                     Some(Ok(Message::Close(frame))) => {
                         close_code = Some(conn::close_code_of(&frame).unwrap_or(1005));
                     }
@@ -213,38 +288,149 @@ impl Device {
         }
     }
 
-    async fn handle(&self, ws: &mut Ws, text: &str, prefix: &str) -> Result<(), String> {
+    /// After a connect: first what was sent before and never acked (same ids: the gateway
+    /// stores each once), then what was buffered meanwhile.
+    async fn catch_up(&self, ws: &mut Ws, state: &mut State) -> Result<(), String> {
+        for text in state.outbox.resend(Instant::now()) {
+            ws.send(Message::text(text))
+                .await
+                .map_err(|e| e.to_string())?;
+            self.counters.resent.fetch_add(1, Relaxed);
+        }
+        self.send_waiting(ws, state).await
+    }
+
+    /// Sends what waits in the buffer, as far as the in-flight window allows.
+    async fn send_waiting(&self, ws: &mut Ws, state: &mut State) -> Result<(), String> {
+        let (device, boot) = (&self.id, self.boot);
+        let number = &mut state.next_message;
+        let mut next_id = || {
+            let id = proto::message_id(device, boot, *number);
+            *number += 1;
+            id
+        };
+        while let Some(text) =
+            state
+                .outbox
+                .next_message(&mut next_id, state.max_message_bytes, Instant::now())
+        {
+            if self.profile.chaos.duplicate(&mut rand::thread_rng()) {
+                ws.feed(Message::text(text.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.counters.duplicates_sent.fetch_add(1, Relaxed);
+            }
+            ws.send(Message::text(text))
+                .await
+                .map_err(|e| e.to_string())?;
+            self.counters.sent.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, ws: &mut Ws, text: &str, state: &mut State) -> Result<Next, String> {
         match proto::parse(text) {
-            // Acks of our command results share the type; only count telemetry acks.
-            Ok(Incoming::Ack { id }) if id.starts_with(prefix) => {
-                self.counters.acked.fetch_add(1, Relaxed);
-            }
-            Ok(Incoming::Command(command)) => {
-                // Receipt first, then the outcome; a redelivered command is answered again,
-                // which the gateway takes as a harmless duplicate.
-                let outcome = answer(&command);
-                let replies = [
-                    proto::ack(&command.id),
-                    proto::command_result(&command.id, &outcome),
-                ];
-                for reply in replies {
-                    ws.send(Message::text(reply))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-            }
+            Ok(Incoming::Ack { id }) => self.on_ack(&id, state),
+            Ok(Incoming::Command(command)) => return self.on_command(ws, command, state).await,
             Ok(Incoming::Error(error)) => {
                 let detail = format!("{} (message {:?}): {}", self.id, error.id, error.message);
                 self.tally.record(&format!("error: {}", error.code), detail);
+                if let Some(id) = &error.id {
+                    if let Refused::Rejected(points) = state.outbox.refused(id, &error.code) {
+                        self.counters.rejected.fetch_add(points as u64, Relaxed);
+                    }
+                }
             }
-            Ok(Incoming::Ack { .. } | Incoming::Welcome(_) | Incoming::Other) => {}
+            Ok(Incoming::Welcome(_) | Incoming::Other) => {}
             Err(e) => self.tally.record(
                 "unparsable message from the gateway",
                 format!("{}: {e}", self.id),
             ),
         }
-        Ok(())
+        Ok(Next::Continue)
     }
+
+    /// An ack of one of our telemetry messages (acks of command results and second acks of
+    /// duplicates find nothing in flight).
+    fn on_ack(&self, id: &str, state: &mut State) {
+        if let Some(latency) = state.outbox.ack(id, Instant::now()) {
+            self.counters.acked.fetch_add(1, Relaxed);
+            self.counters.latency.record(latency);
+        }
+    }
+
+    /// Acks the command and answers it in the same flush; a command seen before is answered
+    /// with the remembered result and not executed again.
+    async fn on_command(
+        &self,
+        ws: &mut Ws,
+        command: Command,
+        state: &mut State,
+    ) -> Result<Next, String> {
+        let (answer, next) = match state.recent.answer_to(&command.id) {
+            Some(answer) => {
+                self.counters.duplicate_commands.fetch_add(1, Relaxed);
+                (answer.to_owned(), Next::Continue)
+            }
+            None => {
+                let (outcome, action) = commands::execute(&command, self.profile.clock.now());
+                let answer = proto::command_result(&command.id, &outcome);
+                state.recent.remember(&command.id, answer.clone());
+                self.counters.commands.fetch_add(1, Relaxed);
+                let next = match action {
+                    Action::None => Next::Continue,
+                    Action::SetInterval(period) => {
+                        state.ticker = Some(ticker_for(period, period));
+                        Next::Continue
+                    }
+                    Action::Reboot(delay) => Next::Reboot {
+                        command_id: command.id.clone(),
+                        delay,
+                    },
+                };
+                (answer, next)
+            }
+        };
+        let send = async {
+            ws.feed(Message::text(proto::ack(&command.id))).await?;
+            ws.feed(Message::text(answer)).await?;
+            ws.flush().await
+        };
+        send.await.map_err(|e| e.to_string())?;
+        Ok(next)
+    }
+
+    /// Reads until the gateway acks `command_id` (it has stored the result), the connection
+    /// ends, or [`RESULT_ACK_WAIT`] passes. Commands arriving meanwhile are left unanswered: the
+    /// gateway sends them again after the reboot.
+    async fn await_ack(&self, ws: &mut Ws, command_id: &str, state: &mut State) {
+        let _ = tokio::time::timeout(RESULT_ACK_WAIT, async {
+            while let Some(Ok(frame)) = ws.next().await {
+                let Message::Text(text) = frame else { continue };
+                match proto::parse(&text) {
+                    Ok(Incoming::Ack { id }) if id == command_id => return,
+                    Ok(Incoming::Ack { id }) => self.on_ack(&id, state),
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The wait before reconnecting after a session that started at `started` ended.
+fn retry_delay(backoff: &mut Backoff, started: Instant) -> Duration {
+    if started.elapsed() >= STABLE_SESSION {
+        backoff.reset();
+    }
+    backoff.next_delay(&mut rand::thread_rng())
+}
+
+/// A ticker with the first tick after `first`.
+fn ticker_for(period: Duration, first: Duration) -> Interval {
+    let mut ticker = tokio::time::interval_at(Instant::now() + first, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
 }
 
 async fn tick(ticker: &mut Option<Interval>) {
@@ -257,208 +443,6 @@ async fn tick(ticker: &mut Option<Interval>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::conn::Target;
-    use crate::mock::{self, Mock, Script};
-    use serde_json::json;
-    use std::path::Path;
-
-    type Parts = (Device, Arc<Counters>, Arc<ErrorTally>, CancellationToken);
-
-    async fn device(mock: &Mock, token: Secret) -> Parts {
-        let target = Target::resolve(&mock.url("ws"), Path::new("unused.pem"))
-            .await
-            .unwrap();
-        device_for(target, token)
-    }
-
-    fn device_for(target: Target, token: Secret) -> Parts {
-        let (counters, tally, cancel) = (Arc::default(), Arc::default(), CancellationToken::new());
-        let device = Device {
-            id: "sim-00001".into(),
-            token,
-            boot: 42,
-            period: Some(Duration::from_millis(40)),
-            connector: Connector::new(target, 4),
-            counters: Arc::clone(&counters),
-            tally: Arc::clone(&tally),
-            cancel: cancel.clone(),
-        };
-        (device, counters, tally, cancel)
-    }
-
-    #[tokio::test]
-    async fn sends_acked_telemetry_and_answers_commands() {
-        let commands = vec![
-            json!({"type":"command","id":"c-1","name":"ping","params":{}}),
-            json!({"type":"command","id":"c-2","name":"reboot","params":{"delay_s":5}}),
-        ];
-        let mock = Mock::start(
-            Script {
-                commands,
-                ..Script::default()
-            },
-            None,
-        )
-        .await;
-        let (device, counters, tally, cancel) = device(&mock, mock::token()).await;
-        let task = tokio::spawn(device.run());
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        cancel.cancel();
-        task.await.unwrap();
-
-        let acked = counters.acked.load(Relaxed);
-        assert!(acked >= 5, "acked {acked}");
-        assert!(counters.sent.load(Relaxed) >= acked);
-        assert_eq!(tally.total(), 0, "{:?}", tally.snapshot());
-
-        let first = &mock.seen.of_type("telemetry")[0];
-        assert_eq!(first["id"], "sim-00001-42-0");
-        assert_eq!(first["data"]["counter"], 0);
-        assert_eq!(first["data"]["state"], "ok");
-        assert!(first["ts"].as_str().unwrap().ends_with('Z'));
-
-        let acks: Vec<_> = mock
-            .seen
-            .of_type("ack")
-            .iter()
-            .map(|m| m["id"].clone())
-            .collect();
-        assert_eq!(acks, [json!("c-1"), json!("c-2")]);
-        let results = mock.seen.of_type("command_result");
-        assert_eq!(results[0]["status"], "succeeded");
-        assert!(results[0]["result"]["pong"].is_string());
-        assert_eq!(results[1]["status"], "rejected");
-    }
-
-    #[tokio::test]
-    async fn stops_for_good_when_the_session_is_replaced() {
-        let mock = Mock::start(
-            Script {
-                close_with: Some(4001),
-                ..Script::default()
-            },
-            None,
-        )
-        .await;
-        let (device, _, tally, _cancel) = device(&mock, mock::token()).await;
-        tokio::time::timeout(Duration::from_secs(3), device.run())
-            .await
-            .expect("the device stops on its own");
-        assert_eq!(
-            mock.seen
-                .handshakes
-                .load(std::sync::atomic::Ordering::SeqCst),
-            1
-        );
-        assert_eq!(tally.snapshot().get("closed: 4001"), Some(&1));
-    }
-
-    #[tokio::test]
-    async fn a_replacement_close_counts_even_when_tls_ends_abruptly() {
-        let dir = tempfile::tempdir().unwrap();
-        let (acceptor, ca) = mock::tls_pair(dir.path());
-        let script = Script {
-            close_with: Some(4001),
-            ..Script::default()
-        };
-        let mock = Mock::start(script, Some(acceptor)).await;
-        let target = Target::resolve(&mock.url("wss"), &ca).await.unwrap();
-        let (device, _, tally, _cancel) = device_for(target, mock::token());
-        tokio::time::timeout(Duration::from_secs(3), device.run())
-            .await
-            .expect("the device stops on its own");
-        assert_eq!(
-            mock.seen
-                .handshakes
-                .load(std::sync::atomic::Ordering::SeqCst),
-            1
-        );
-        assert_eq!(
-            tally.snapshot().get("closed: 4001"),
-            Some(&1),
-            "{:?}",
-            tally.snapshot()
-        );
-    }
-
-    #[tokio::test]
-    async fn a_refused_token_is_not_retried() {
-        let mock = Mock::start(Script::default(), None).await;
-        let (device, _, tally, _cancel) = device(&mock, Secret::from("wrong".to_string())).await;
-        tokio::time::timeout(Duration::from_secs(3), device.run())
-            .await
-            .expect("the device stops on its own");
-        assert_eq!(
-            mock.seen
-                .handshakes
-                .load(std::sync::atomic::Ordering::SeqCst),
-            1
-        );
-        assert_eq!(
-            tally.snapshot().get("connect: http 401 unauthorized"),
-            Some(&1)
-        );
-    }
-
-    #[tokio::test]
-    async fn reconnects_after_an_ordinary_close() {
-        let mock = Mock::start(
-            Script {
-                close_with: Some(1001),
-                ..Script::default()
-            },
-            None,
-        )
-        .await;
-        let (device, counters, _, cancel) = device(&mock, mock::token()).await;
-        let task = tokio::spawn(device.run());
-        // The first two delays are at most 0.5 s and 1 s.
-        tokio::time::sleep(Duration::from_millis(1800)).await;
-        cancel.cancel();
-        task.await.unwrap();
-        assert!(
-            mock.seen
-                .handshakes
-                .load(std::sync::atomic::Ordering::SeqCst)
-                >= 2
-        );
-        assert!(counters.reconnects.load(Relaxed) >= 1);
-    }
-
-    #[test]
-    fn readings_drift_within_physical_bounds() {
-        let mut rng = rand::thread_rng();
-        let mut sensor = Sensor::new(&mut rng);
-        let mut previous = sensor.step(&mut rng);
-        assert_eq!(previous.counter, 0);
-        for n in 1..20_000 {
-            let reading = sensor.step(&mut rng);
-            assert_eq!(reading.counter, n);
-            assert!((-20.0..=50.0).contains(&reading.temp));
-            assert!((0.0..=100.0).contains(&reading.humidity));
-            assert!((0.0..=100.0).contains(&reading.battery));
-            assert!((reading.temp - previous.temp).abs() <= 0.21);
-            assert!(reading.battery <= previous.battery);
-            previous = reading;
-        }
-    }
-
-    #[test]
-    fn ping_succeeds_and_anything_else_is_rejected() {
-        let command = |name: &str| Command {
-            id: "c-1".into(),
-            name: name.into(),
-            params: json!({}),
-        };
-        match answer(&command("ping")) {
-            Outcome::Succeeded(result) => assert!(result["pong"].is_string()),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            answer(&command("reboot")),
-            Outcome::Rejected("unknown command".into())
-        );
-    }
-}
+mod forward_tests;
+#[cfg(test)]
+mod tests;

@@ -25,10 +25,20 @@ pub async fn credentials(
     count: usize,
     provision: bool,
 ) -> Result<Vec<(String, Secret)>> {
+    credentials_with_prefix(common, &common.prefix, count, provision).await
+}
+
+/// As [`credentials`], for the devices `{prefix}-00001` onwards.
+pub async fn credentials_with_prefix(
+    common: &Common,
+    prefix: &str,
+    count: usize,
+    provision: bool,
+) -> Result<Vec<(String, Secret)>> {
     if count == 0 {
         bail!("--devices must be at least 1");
     }
-    let ids = tokens::device_ids(&common.prefix, count)?;
+    let ids = tokens::device_ids(prefix, count)?;
     let mut map = tokens::load(&common.tokens)?;
     if provision {
         provision_missing(common, &ids, &mut map).await?;

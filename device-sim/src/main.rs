@@ -2,15 +2,22 @@
 //! (it shares no code with the gateway): a demo fleet, a load generator, a connection holder.
 
 mod api;
+mod background;
 mod backoff;
 mod bench;
+mod bench_commands;
+mod bench_report;
+mod chaos;
 mod cli;
+mod commands;
 mod conn;
 mod device;
 mod fleet;
 mod idle;
+mod outbox;
 mod proto;
 mod run;
+mod sensor;
 mod shutdown;
 mod stats;
 mod tls;
@@ -18,6 +25,8 @@ mod tokens;
 
 #[cfg(test)]
 mod mock;
+#[cfg(test)]
+mod mock_gateway;
 
 use std::process::ExitCode;
 
@@ -34,6 +43,7 @@ async fn main() -> ExitCode {
     let clean = match &cli.command {
         Command::Run(args) => run::run(&cli.common, args).await.map(|()| true),
         Command::Bench(args) => bench::bench(&cli.common, args).await,
+        Command::BenchCommands(args) => bench_commands::bench_commands(&cli.common, args).await,
         Command::Idle(args) => idle::idle(&cli.common, args).await,
         Command::Provision(args) => fleet::credentials(&cli.common, args.devices, true)
             .await

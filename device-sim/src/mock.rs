@@ -35,14 +35,26 @@ pub struct Script {
     pub error_every: Option<u64>,
     /// Ping right after the welcome.
     pub ping: bool,
+    /// Refuse the first n handshakes with `503` and `Retry-After: retry_after_s`.
+    pub refuse_first: usize,
+    pub retry_after_s: u64,
+    /// On the first connection only: ack this many telemetry messages, leave the next three
+    /// unanswered, then drop the connection without a close frame.
+    pub first_session_acks: Option<usize>,
+    /// The code of the scripted `error` answers (default `internal`).
+    pub error_code: Option<&'static str>,
 }
 
 /// What the mock saw.
 #[derive(Default)]
 pub struct Seen {
     pub handshakes: AtomicUsize,
+    /// When each connection was accepted.
+    pub accepted_at: Mutex<Vec<std::time::Instant>>,
     pub pongs: AtomicUsize,
     pub messages: Mutex<Vec<Value>>,
+    /// Close codes the devices sent.
+    pub closes: Mutex<Vec<u16>>,
 }
 
 impl Seen {
@@ -74,14 +86,18 @@ impl Mock {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (script, seen, tls) = (script.clone(), seen.clone(), tls.clone());
                 tokio::spawn(async move {
-                    seen.handshakes.fetch_add(1, SeqCst);
+                    let connection = seen.handshakes.fetch_add(1, SeqCst) + 1;
+                    seen.accepted_at
+                        .lock()
+                        .unwrap()
+                        .push(std::time::Instant::now());
                     match tls {
                         Some(acceptor) => {
                             if let Ok(stream) = acceptor.accept(tcp).await {
-                                serve(stream, script, seen).await;
+                                serve(stream, script, seen, connection).await;
                             }
                         }
-                        None => serve(tcp, script, seen).await,
+                        None => serve(tcp, script, seen, connection).await,
                     }
                 });
             }
@@ -105,7 +121,21 @@ pub fn token() -> Secret {
 
 // The signature is tungstenite's handshake callback, large error variant and all.
 #[allow(clippy::result_large_err)]
-fn check_upgrade(request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+fn check_upgrade(
+    request: &Request,
+    mut response: Response,
+    retry_after: Option<u64>,
+) -> Result<Response, ErrorResponse> {
+    if let Some(seconds) = retry_after {
+        let mut refusal = ErrorResponse::new(Some(
+            r#"{"error":"unavailable","message":"scripted"}"#.into(),
+        ));
+        *refusal.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        refusal
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(seconds));
+        return Err(refusal);
+    }
     let expected = format!("Bearer {TOKEN}");
     if request.headers().get("authorization").map(|v| v.as_bytes()) != Some(expected.as_bytes()) {
         let mut refusal = ErrorResponse::new(Some(
@@ -128,13 +158,19 @@ fn check_upgrade(request: &Request, mut response: Response) -> Result<Response, 
     Ok(response)
 }
 
-async fn serve<S>(stream: S, script: Script, seen: Arc<Seen>)
+async fn serve<S>(stream: S, script: Script, seen: Arc<Seen>, connection: usize)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, check_upgrade).await else {
+    let refuse = (connection <= script.refuse_first).then_some(script.retry_after_s);
+    #[allow(clippy::result_large_err)]
+    let check = |request: &Request, response| check_upgrade(request, response, refuse);
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, check).await else {
         return;
     };
+    // On the first connection, with `first_session_acks`: how many more to ack, to ignore.
+    let mut acks_left = script.first_session_acks.filter(|_| connection == 1);
+    let mut ignore_left = 3;
     let welcome = json!({"type":"welcome","device_id":"mock","session_id":"s-1",
         "server_time":"2026-11-25T10:00:00.000Z","limits":{"max_message_bytes":65536,"telemetry_per_sec":100}});
     if ws.send(Message::text(welcome.to_string())).await.is_err() {
@@ -166,6 +202,11 @@ where
                 seen.pongs.fetch_add(1, SeqCst);
                 continue;
             }
+            Message::Close(frame) => {
+                let code = frame.map_or(1005, |f| u16::from(f.code));
+                seen.closes.lock().unwrap().push(code);
+                continue;
+            }
             _ => continue,
         };
         let Ok(message) = serde_json::from_str::<Value>(&text) else {
@@ -173,11 +214,24 @@ where
         };
         let id = message["id"].clone();
         let reply = match message["type"].as_str() {
+            Some("telemetry") if acks_left == Some(0) => {
+                seen.messages.lock().unwrap().push(message);
+                ignore_left -= 1;
+                if ignore_left == 0 {
+                    // Dropped without a close frame.
+                    return;
+                }
+                continue;
+            }
             Some("telemetry") => {
                 telemetry += 1;
+                if let Some(left) = &mut acks_left {
+                    *left -= 1;
+                }
+                let code = script.error_code.unwrap_or("internal");
                 match script.error_every {
                     Some(n) if telemetry % n == 0 => {
-                        Some(json!({"type":"error","id":id,"code":"internal","message":"scripted"}))
+                        Some(json!({"type":"error","id":id,"code":code,"message":"scripted"}))
                     }
                     _ => Some(json!({"type":"ack","id":id})),
                 }

@@ -66,6 +66,7 @@ pub fn parse(text: &str) -> serde_json::Result<Incoming> {
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
     Succeeded(Value),
+    Failed(String),
     Rejected(String),
 }
 
@@ -109,6 +110,9 @@ pub fn command_result(id: &str, outcome: &Outcome) -> String {
     let message = match outcome {
         Outcome::Succeeded(result) => serde_json::json!({
             "type": "command_result", "id": id, "status": "succeeded", "result": result,
+        }),
+        Outcome::Failed(error) => serde_json::json!({
+            "type": "command_result", "id": id, "status": "failed", "error": error,
         }),
         Outcome::Rejected(error) => serde_json::json!({
             "type": "command_result", "id": id, "status": "rejected", "error": error,
@@ -208,6 +212,13 @@ mod tests {
         assert_eq!(
             no,
             json!({"type":"command_result","id":"c-2","status":"rejected","error":"unknown command"})
+        );
+        let failed: Value =
+            serde_json::from_str(&command_result("c-3", &Outcome::Failed("disk full".into())))
+                .unwrap();
+        assert_eq!(
+            failed,
+            json!({"type":"command_result","id":"c-3","status":"failed","error":"disk full"})
         );
     }
 

@@ -1,5 +1,7 @@
-//! `device-sim run`: a fleet of devices sending telemetry until Ctrl-C or `--duration`.
+//! `device-sim run`: a fleet of devices sending telemetry and answering commands until Ctrl-C or
+//! `--duration`; on a terminal, one live status line; at the end, a summary (or JSON).
 
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -8,13 +10,16 @@ use anyhow::{bail, Result};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::chaos::{Chaos, Clock};
 use crate::cli::{Common, RunArgs};
 use crate::conn::Target;
-use crate::device::{Counters, Device};
+use crate::device::{Counters, Device, Profile};
 use crate::fleet::{self, Connector};
 use crate::shutdown;
 use crate::stats::{self, ErrorTally};
 
+/// How often the status is shown: live on a terminal, as a log line otherwise.
+const LIVE_EVERY: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the fleet; prints a summary line (or JSON) when it stops.
@@ -25,6 +30,19 @@ pub async fn run(common: &Common, args: &RunArgs) -> Result<()> {
             Some(Duration::from_secs_f64(1.0 / rate))
         }
         rate => bail!("--rate {rate} must be between 0 and 10000 messages per second"),
+    };
+    if args.buffer == 0 {
+        bail!("--buffer must be at least 1");
+    }
+    let profile = Profile {
+        buffer: args.buffer,
+        chaos: Chaos {
+            disconnect_rate: args.chaos_disconnect_rate,
+            duplicate_rate: args.chaos_duplicate_rate,
+        },
+        clock: Clock {
+            skew: args.clock_skew,
+        },
     };
     let creds = fleet::credentials(common, args.devices, common.provision).await?;
     let connector = Connector::new(
@@ -53,6 +71,7 @@ pub async fn run(common: &Common, args: &RunArgs) -> Result<()> {
             token,
             boot,
             period,
+            profile,
             connector: connector.clone(),
             counters: counters.clone(),
             tally: tally.clone(),
@@ -69,29 +88,44 @@ pub async fn run(common: &Common, args: &RunArgs) -> Result<()> {
     };
     let signal = shutdown::signal();
     tokio::pin!(deadline, signal);
-    let mut progress = tokio::time::interval(PROGRESS_EVERY);
-    progress.tick().await;
+    let live = std::io::stderr().is_terminal();
+    let mut status = tokio::time::interval(if live { LIVE_EVERY } else { PROGRESS_EVERY });
+    status.tick().await;
     loop {
         tokio::select! {
             _ = &mut signal => break,
             _ = &mut deadline => break,
-            _ = progress.tick() => eprintln!("run: {}", Summary::take(args.devices, &counters, &tally).line()),
+            _ = status.tick() => {
+                let line = Summary::take(args.devices, &counters, &tally).line();
+                if live {
+                    // One line, rewritten in place.
+                    eprint!("\r\x1b[2K{line}");
+                    let _ = std::io::stderr().flush();
+                } else {
+                    eprintln!("run: {line}");
+                }
+            }
             joined = devices.join_next() => {
                 if joined.is_none() {
-                    eprintln!("run: every device has stopped");
+                    eprintln!("\nrun: every device has stopped");
                     break;
                 }
             }
         }
     }
+    if live {
+        eprintln!();
+    }
 
-    let summary = Summary::take(args.devices, &counters, &tally);
+    let online_at_end = counters.connected.load(Relaxed);
     cancel.cancel();
     // Devices close their sockets; do not wait forever for a gateway that does not answer.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while devices.join_next().await.is_some() {}
     })
     .await;
+    let mut summary = Summary::take(args.devices, &counters, &tally);
+    summary.online = online_at_end;
 
     eprintln!(
         "run: stopped after {:.1}s; errors by kind: {}",
@@ -107,43 +141,94 @@ pub async fn run(common: &Common, args: &RunArgs) -> Result<()> {
 }
 
 /// The counters at one moment.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 struct Summary {
     devices: usize,
-    connected: i64,
+    online: i64,
     sent: u64,
     acked: u64,
+    /// Ack latency p50 and p99 in ms, once there are acks.
+    latency_ms: Option<(f64, f64)>,
     errors: u64,
     reconnects: u64,
+    commands: u64,
+    resent: u64,
+    dropped: u64,
+    rejected: u64,
+    unsent: u64,
+    chaos_disconnects: u64,
+    duplicates_sent: u64,
 }
 
 impl Summary {
     fn take(devices: usize, counters: &Counters, tally: &ErrorTally) -> Summary {
         Summary {
             devices,
-            connected: counters.connected.load(Relaxed),
+            online: counters.connected.load(Relaxed),
             sent: counters.sent.load(Relaxed),
             acked: counters.acked.load(Relaxed),
+            latency_ms: counters.latency.p50_p99_ms(),
             errors: tally.total(),
             reconnects: counters.reconnects.load(Relaxed),
+            commands: counters.commands.load(Relaxed),
+            resent: counters.resent.load(Relaxed),
+            dropped: counters.dropped.load(Relaxed),
+            rejected: counters.rejected.load(Relaxed),
+            unsent: counters.unsent.load(Relaxed),
+            chaos_disconnects: counters.chaos_disconnects.load(Relaxed),
+            duplicates_sent: counters.duplicates_sent.load(Relaxed),
         }
     }
 
+    /// The main figures; the store-and-forward and chaos ones only when not zero.
     fn line(&self) -> String {
-        format!(
-            "devices={} connected={} sent={} acked={} errors={} reconnects={}",
-            self.devices, self.connected, self.sent, self.acked, self.errors, self.reconnects
-        )
+        let latency = match self.latency_ms {
+            Some((p50, p99)) => format!("ack p50={p50:.1}ms p99={p99:.1}ms"),
+            None => "ack p50=- p99=-".into(),
+        };
+        let mut line = format!(
+            "online={}/{} sent={} acked={} {latency} errors={} reconnects={} commands={}",
+            self.online,
+            self.devices,
+            self.sent,
+            self.acked,
+            self.errors,
+            self.reconnects,
+            self.commands
+        );
+        for (name, value) in [
+            ("resent", self.resent),
+            ("dropped", self.dropped),
+            ("rejected", self.rejected),
+            ("unsent", self.unsent),
+            ("chaos_disconnects", self.chaos_disconnects),
+            ("duplicates_sent", self.duplicates_sent),
+        ] {
+            if value > 0 {
+                line += &format!(" {name}={value}");
+            }
+        }
+        line
     }
 
     fn json(&self) -> serde_json::Value {
+        let (p50, p99) = self.latency_ms.unzip();
         serde_json::json!({
             "devices": self.devices,
-            "connected": self.connected,
+            "online": self.online,
             "sent": self.sent,
             "acked": self.acked,
+            "ack_p50_ms": p50,
+            "ack_p99_ms": p99,
             "errors": self.errors,
             "reconnects": self.reconnects,
+            "commands": self.commands,
+            "resent": self.resent,
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+            "unsent": self.unsent,
+            "chaos_disconnects": self.chaos_disconnects,
+            "duplicates_sent": self.duplicates_sent,
         })
     }
 }
@@ -153,22 +238,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn summary_has_the_documented_fields() {
-        let summary = Summary {
+    fn the_line_shows_the_main_figures_and_only_the_losses_there_are() {
+        let mut summary = Summary {
             devices: 3,
-            connected: 2,
+            online: 2,
             sent: 10,
             acked: 9,
+            latency_ms: Some((1.25, 7.5)),
             errors: 1,
             reconnects: 4,
+            commands: 5,
+            ..Summary::default()
         };
         assert_eq!(
             summary.line(),
-            "devices=3 connected=2 sent=10 acked=9 errors=1 reconnects=4"
+            "online=2/3 sent=10 acked=9 ack p50=1.2ms p99=7.5ms errors=1 reconnects=4 commands=5"
         );
-        assert_eq!(
-            summary.json(),
-            serde_json::json!({"devices":3,"connected":2,"sent":10,"acked":9,"errors":1,"reconnects":4})
-        );
+        summary.dropped = 6;
+        summary.unsent = 2;
+        assert!(summary.line().ends_with(" commands=5 dropped=6 unsent=2"));
+    }
+
+    #[test]
+    fn json_has_every_field() {
+        let summary = Summary {
+            devices: 3,
+            acked: 9,
+            dropped: 6,
+            ..Summary::default()
+        };
+        let json = summary.json();
+        assert_eq!(json["devices"], 3);
+        assert_eq!(json["acked"], 9);
+        assert_eq!(json["dropped"], 6);
+        assert_eq!(json["ack_p50_ms"], serde_json::Value::Null);
+        assert_eq!(json.as_object().unwrap().len(), 15);
     }
 }

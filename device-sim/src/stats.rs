@@ -1,8 +1,46 @@
-//! Failure bookkeeping shared by a fleet: every failure is counted by kind, and the first of each
-//! kind is shown once, so thousands of devices failing alike print one line, not thousands.
+//! Bookkeeping shared by a fleet: every failure counted by kind (the first of each kind shown
+//! once, so thousands of devices failing alike print one line, not thousands), and latencies.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Latencies up to a minute, in microseconds, shared by a fleet.
+#[derive(Debug)]
+pub struct Latency {
+    histogram: Mutex<Histogram<u64>>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        let histogram =
+            Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+        Latency {
+            histogram: Mutex::new(histogram),
+        }
+    }
+}
+
+impl Latency {
+    /// Records one latency (clamped to the histogram's range).
+    pub fn record(&self, latency: Duration) {
+        let micros = (latency.as_micros() as u64).clamp(1, 60_000_000);
+        let mut histogram = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
+        histogram.saturating_record(micros);
+    }
+
+    /// p50 and p99 in milliseconds, `None` before the first record.
+    pub fn p50_p99_ms(&self) -> Option<(f64, f64)> {
+        let histogram = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
+        if histogram.is_empty() {
+            return None;
+        }
+        let ms = |q| histogram.value_at_quantile(q) as f64 / 1000.0;
+        Some((ms(0.50), ms(0.99)))
+    }
+}
 
 /// Failures counted by kind.
 #[derive(Debug, Default)]
@@ -53,6 +91,16 @@ pub fn describe(counts: &BTreeMap<String, u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_quantiles_in_milliseconds() {
+        let latency = Latency::default();
+        assert_eq!(latency.p50_p99_ms(), None);
+        for n in 1..=100 {
+            latency.record(Duration::from_micros(n * 10));
+        }
+        assert_eq!(latency.p50_p99_ms(), Some((0.5, 0.99)));
+    }
 
     #[test]
     fn counts_by_kind() {
