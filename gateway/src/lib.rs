@@ -187,6 +187,7 @@ impl Gateway {
         let hub = Arc::new(Hub::default());
         let commands = commands::Commands::start(
             store.clone(),
+            writer.clone(),
             hub.clone(),
             events.clone(),
             settings.command_window,
@@ -261,17 +262,18 @@ impl Gateway {
         {
             tracing::warn!("some device sessions did not finish within the grace period");
         }
+        // The API holds a writer handle too (commands): it must finish before the writer can.
+        match tokio::time::timeout(settings.shutdown_grace, api_server).await {
+            Ok(Ok(Err(e))) => return Err(GatewayError::Api(e)),
+            Err(_) => tracing::warn!("API requests still running at the end of the grace period"),
+            _ => {}
+        }
         drop(ctx);
         if tokio::time::timeout(settings.shutdown_grace, writer_task)
             .await
             .is_err()
         {
             tracing::warn!("the telemetry writer did not finish within the grace period");
-        }
-        match tokio::time::timeout(settings.shutdown_grace, api_server).await {
-            Ok(Ok(Err(e))) => return Err(GatewayError::Api(e)),
-            Err(_) => tracing::warn!("API requests still running at the end of the grace period"),
-            _ => {}
         }
         store.close().await;
         tracing::info!("stopped");

@@ -243,8 +243,18 @@ mod tests {
         let hub = Arc::new(crate::hub::Hub::default());
         let events = Arc::new(crate::events::Events::new(10, 1));
         let shutdown = tokio_util::sync::CancellationToken::new();
+        let (writer, _) = crate::store::writer::Writer::spawn(
+            store.clone(),
+            crate::store::writer::WriterConfig {
+                max_rows: 100,
+                max_delay: std::time::Duration::ZERO,
+                queue: 16,
+            },
+            events.clone(),
+        );
         let commands = crate::commands::Commands::start(
             store.clone(),
+            writer,
             hub.clone(),
             events.clone(),
             8,

@@ -19,7 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::events::{EventKind, Events, Payload};
 use crate::hub::Hub;
 use crate::metrics::METRICS;
-use crate::store::commands::{Answer, Cancel, CommandRow, NewCommand, Queued, Status};
+use crate::store::commands::{
+    Answer, Cancel, CommandOp, CommandOutcome, CommandRow, NewCommand, Queued, Status,
+};
+use crate::store::writer::{committed, CommandReceipt, Writer};
 use crate::store::{Store, StoreError};
 use crate::time::{format_ms, now_ms};
 use timers::{Deadline, Timers};
@@ -39,11 +42,13 @@ pub struct CommandRequest {
 #[derive(Debug)]
 pub struct Commands {
     store: Store,
+    writer: Writer,
     hub: Arc<Hub>,
     events: Arc<Events>,
     window: u32,
     queue_max: u32,
     timers: Timers,
+    shutdown: CancellationToken,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<CommandRow>>>>,
 }
 
@@ -51,6 +56,7 @@ impl Commands {
     /// Starts the timer task and re-arms the timers of every command left open by the last run.
     pub async fn start(
         store: Store,
+        writer: Writer,
         hub: Arc<Hub>,
         events: Arc<Events>,
         window: u32,
@@ -60,14 +66,20 @@ impl Commands {
         let (timers, requests) = Timers::channel(1024);
         let commands = Arc::new(Commands {
             store,
+            writer,
             hub,
             events,
             window,
             queue_max,
             timers,
+            shutdown,
             waiters: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(timers::run(requests, Arc::downgrade(&commands), shutdown));
+        tokio::spawn(timers::run(
+            requests,
+            Arc::downgrade(&commands),
+            commands.shutdown.clone(),
+        ));
         for row in commands.store.open_commands().await? {
             commands.arm(&row).await;
         }
@@ -98,7 +110,13 @@ impl Commands {
             timeout_s: request.timeout_s,
             idempotency_key: request.idempotency_key,
         };
-        let queued = self.store.queue_command(&new, self.queue_max).await?;
+        let op = CommandOp::Queue {
+            new,
+            queue_max: self.queue_max,
+        };
+        let CommandOutcome::Queued(queued) = self.writer.command(op).await? else {
+            unreachable!("a queue op answers Queued")
+        };
         if let Queued::New(row) = &queued {
             self.arm(row).await;
             self.updated(row);
@@ -121,13 +139,15 @@ impl Commands {
             .entry(id.to_owned())
             .or_default()
             .push(tx);
-        let outcome = match self.store.get_command(id).await? {
-            Some(row) if row.status.is_final() => Some(row),
-            Some(_) => tokio::time::timeout(wait, rx)
-                .await
-                .ok()
-                .and_then(Result::ok),
-            None => None,
+        // `rx` ends with this block, so the clean-up below sees this waiter closed.
+        let outcome = match (rx, self.store.get_command(id).await) {
+            (_, Ok(Some(row))) if row.status.is_final() => Ok(Some(row)),
+            (rx, Ok(Some(_))) => Ok(tokio::select! {
+                // A shutdown answers with the status so far rather than hold the API open.
+                _ = self.shutdown.cancelled() => None,
+                done = tokio::time::timeout(wait, rx) => done.ok().and_then(Result::ok),
+            }),
+            (_, other) => other.map(|_| None),
         };
         let mut waiters = self.waiters.lock().expect("waiters lock");
         if let Some(list) = waiters.get_mut(id) {
@@ -136,12 +156,18 @@ impl Commands {
                 waiters.remove(id);
             }
         }
-        Ok(outcome)
+        outcome
     }
 
     /// Cancels a command that is not final.
     pub async fn cancel(&self, id: &str) -> Result<Cancel, StoreError> {
-        let outcome = self.store.cancel_command(id, now_ms()).await?;
+        let op = CommandOp::Cancel {
+            id: id.to_owned(),
+            now: now_ms(),
+        };
+        let CommandOutcome::Cancel(outcome) = self.writer.command(op).await? else {
+            unreachable!("a cancel op answers Cancel")
+        };
         if let Cancel::Canceled(row) = &outcome {
             self.updated(row);
             self.nudge(&row.device_id);
@@ -158,50 +184,60 @@ impl Commands {
 
     /// Marks the next queued commands sent, within the window; the session writes them out.
     pub async fn take_for_delivery(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
-        let rows = self
-            .store
-            .take_for_delivery(device_pk, self.window, now_ms())
-            .await?;
+        let op = CommandOp::TakeForDelivery {
+            device_pk,
+            window: self.window,
+            now: now_ms(),
+        };
+        let CommandOutcome::Taken(rows) = self.writer.command(op).await? else {
+            unreachable!("a delivery op answers Taken")
+        };
         for row in &rows {
             self.updated(row);
         }
         Ok(rows)
     }
 
-    /// The device acked a command (receipt).
-    pub async fn delivered(&self, device_pk: i64, id: &str) -> Result<Answer, StoreError> {
-        let answer = self
-            .store
-            .command_delivered(device_pk, id, now_ms())
-            .await?;
-        if let Answer::Changed(row) = &answer {
-            self.arm(row).await;
-            self.updated(row);
-        }
-        Ok(answer)
+    /// Hands the device's ack (receipt) of a command to the writer; see [`answered`](Self::answered).
+    pub async fn submit_ack(&self, device_pk: i64, id: &str) -> Result<CommandReceipt, StoreError> {
+        let op = CommandOp::Delivered {
+            device_pk,
+            id: id.to_owned(),
+            now: now_ms(),
+        };
+        self.writer.submit_command(op).await
     }
 
-    /// The device reported a command's outcome.
-    pub async fn completed(
+    /// Hands the device's result for a command to the writer; see [`answered`](Self::answered).
+    pub async fn submit_result(
         &self,
         device_pk: i64,
         id: &str,
         status: Status,
         result: Option<&RawValue>,
         error: Option<&str>,
+    ) -> Result<CommandReceipt, StoreError> {
+        let op = CommandOp::Completed {
+            device_pk,
+            id: id.to_owned(),
+            status,
+            result: result.map(|r| r.get().to_owned()),
+            error: error.map(str::to_owned),
+            now: now_ms(),
+        };
+        self.writer.submit_command(op).await
+    }
+
+    /// Once a device's ack or result is committed: arm the result timeout, publish the change.
+    pub async fn answered(
+        &self,
+        received: Result<Option<CommandOutcome>, oneshot::error::RecvError>,
     ) -> Result<Answer, StoreError> {
-        let answer = self
-            .store
-            .command_completed(
-                device_pk,
-                id,
-                status,
-                result.map(RawValue::get),
-                error,
-                now_ms(),
-            )
-            .await?;
+        let CommandOutcome::Answer(answer) = committed(received)? else {
+            unreachable!("an ack or result op answers Answer")
+        };
         if let Answer::Changed(row) = &answer {
+            self.arm(row).await;
             self.updated(row);
         }
         Ok(answer)
@@ -210,16 +246,17 @@ impl Commands {
     /// A timer fired: expire or time out the command if it is still waiting for that.
     async fn deadline_passed(&self, deadline: Deadline, id: &str) {
         let now = now_ms();
-        let outcome = match deadline {
-            Deadline::Expire => self.store.expire_command(id, now).await,
-            Deadline::TimeOut => self.store.time_out_command(id, now).await,
+        let id_owned = id.to_owned();
+        let op = match deadline {
+            Deadline::Expire => CommandOp::Expire { id: id_owned, now },
+            Deadline::TimeOut => CommandOp::TimeOut { id: id_owned, now },
         };
-        match outcome {
-            Ok(Some(row)) => {
+        match self.writer.command(op).await {
+            Ok(CommandOutcome::Finished(Some(row))) => {
                 self.updated(&row);
                 self.nudge(&row.device_id);
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => {
                 tracing::error!(error = %e, command = id, "cannot record a command deadline; retrying in 1s");
                 self.timers.arm(deadline, id, now + 1000).await;

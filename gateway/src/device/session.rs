@@ -22,9 +22,9 @@ use super::DeviceContext;
 use crate::events::{EventKind, Payload};
 use crate::hub::{CloseOrder, SessionHandle};
 use crate::metrics::{Reason, METRICS};
-use crate::store::commands::{Answer, CommandRow, Status};
+use crate::store::commands::{Answer, CommandOutcome, CommandRow, Status};
 use crate::store::sessions::{SessionEnd, SessionStart};
-use crate::store::writer::{TelemetryJob, WriteJob};
+use crate::store::writer::{CommandReceipt, TelemetryJob, WriteJob};
 use crate::store::StoreError;
 use crate::time::{format_ms, now_ms};
 
@@ -43,19 +43,46 @@ pub struct Identity {
     pub auth: &'static str,
 }
 
-/// Waits for one telemetry message's commit.
-struct PendingAck {
-    id: String,
-    done: oneshot::Receiver<bool>,
+/// Waits for the commit of something the device sent: telemetry, or a command ack or result.
+enum Pending {
+    Telemetry {
+        id: String,
+        done: oneshot::Receiver<bool>,
+    },
+    Answer {
+        id: String,
+        is_result: bool,
+        done: CommandReceipt,
+    },
 }
 
-impl Future for PendingAck {
-    type Output = (String, bool);
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(String, bool)> {
-        let this = &mut *self;
-        this.done
-            .poll_unpin(cx)
-            .map(|r| (std::mem::take(&mut this.id), r.unwrap_or(false)))
+/// A commit [`Pending`] waited for.
+enum Done {
+    Telemetry(String, bool),
+    Answer {
+        id: String,
+        is_result: bool,
+        received: Box<Result<Option<CommandOutcome>, oneshot::error::RecvError>>,
+    },
+}
+
+impl Future for Pending {
+    type Output = Done;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Done> {
+        match &mut *self {
+            Pending::Telemetry { id, done } => done
+                .poll_unpin(cx)
+                .map(|r| Done::Telemetry(std::mem::take(id), r.unwrap_or(false))),
+            Pending::Answer {
+                id,
+                is_result,
+                done,
+            } => done.poll_unpin(cx).map(|received| Done::Answer {
+                id: std::mem::take(id),
+                is_result: *is_result,
+                received: Box::new(received),
+            }),
+        }
     }
 }
 
@@ -96,7 +123,7 @@ pub struct Session<S> {
     /// The device id, shared with the events and write jobs this session makes.
     device_id: Arc<str>,
     handle: Arc<SessionHandle>,
-    pending: FuturesUnordered<PendingAck>,
+    pending: FuturesUnordered<Pending>,
     bucket: TokenBucket,
     invalid_streak: u32,
     last_frame: Instant,
@@ -238,8 +265,8 @@ where
                     return Ending::close(1001, "server shutting down", "server_shutdown");
                 }
                 order = handle.close_ordered() => return order.into(),
-                Some((id, ok)) = self.pending.next(), if !self.pending.is_empty() => {
-                    if self.send_acks(id, ok).await.is_err() {
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    if self.on_commits(done).await.is_err() {
                         return Ending::lost();
                     }
                 }
@@ -323,8 +350,8 @@ where
             }
             Inbound::Ack { id } => {
                 METRICS.message("ack");
-                let answer = self.ctx.commands.delivered(self.me.device_pk, &id).await;
-                self.after_answer(&id, answer, false).await
+                let receipt = self.ctx.commands.submit_ack(self.me.device_pk, &id).await;
+                self.await_answer(id, false, receipt).await
             }
             Inbound::CommandResult {
                 id,
@@ -338,10 +365,10 @@ where
                     ResultStatus::Failed => Status::Failed,
                     ResultStatus::Rejected => Status::Rejected,
                 };
-                let answer = self
+                let receipt = self
                     .ctx
                     .commands
-                    .completed(
+                    .submit_result(
                         self.me.device_pk,
                         &id,
                         status,
@@ -349,53 +376,65 @@ where
                         error.as_deref(),
                     )
                     .await;
-                self.after_answer(&id, answer, true).await
+                self.await_answer(id, true, receipt).await
             }
         };
         result.err().map(|_| Ending::lost())
     }
 
-    /// Replies to a command ack or result: `unknown_command`, `internal`, or (for a
-    /// result) the ack; a final result frees a slot, so the next command may go out.
-    async fn after_answer(
+    /// Waits (with the telemetry acks) for a command answer's commit.
+    async fn await_answer(
         &mut self,
-        id: &str,
-        answer: Result<Answer, StoreError>,
+        id: String,
         is_result: bool,
+        receipt: Result<CommandReceipt, StoreError>,
     ) -> Result<(), WsError> {
-        match answer {
-            Ok(Answer::Unknown) => {
-                METRICS.rejection("unknown_command");
-                self.send_error(
-                    Some(id),
-                    ErrorCode::UnknownCommand,
-                    "this device has no command with that id",
-                )
-                .await
-            }
-            Ok(answer) => {
-                if !is_result {
-                    return Ok(());
-                }
-                self.ws
-                    .send(Message::text(Outbound::Ack { id }.to_json()))
-                    .await?;
-                match answer {
-                    Answer::Changed(_) => self.deliver_commands(false).await,
-                    _ => Ok(()),
-                }
+        match receipt {
+            Ok(done) => {
+                self.pending.push(Pending::Answer {
+                    id,
+                    is_result,
+                    done,
+                });
+                Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot record a command answer");
-                METRICS.rejection("internal");
-                self.send_error(
-                    Some(id),
-                    ErrorCode::Internal,
-                    "storage failed; the answer was not recorded, retry later",
-                )
-                .await
+                let text = answer_reply(&id, Err(e), is_result).0;
+                self.ws
+                    .send(text.expect("an error always has a reply"))
+                    .await
             }
         }
+    }
+
+    /// Replies to everything whose commit is done (telemetry acks, command answers) in
+    /// one flush; then, if a command became final, sends what its slot lets through.
+    async fn on_commits(&mut self, first: Done) -> Result<(), WsError> {
+        let mut slot_freed = false;
+        let mut next = Some(first);
+        while let Some(done) = next {
+            match done {
+                Done::Telemetry(id, ok) => self.ws.feed(ack_message(&id, ok)).await?,
+                Done::Answer {
+                    id,
+                    is_result,
+                    received,
+                } => {
+                    let answer = self.ctx.commands.answered(*received).await;
+                    let (reply, freed) = answer_reply(&id, answer, is_result);
+                    slot_freed |= freed;
+                    if let Some(reply) = reply {
+                        self.ws.feed(reply).await?;
+                    }
+                }
+            }
+            next = self.pending.next().now_or_never().flatten();
+        }
+        self.ws.flush().await?;
+        if slot_freed {
+            self.deliver_commands(false).await?;
+        }
+        Ok(())
     }
 
     /// Writes out the commands due: on (re)connect first those sent before and never
@@ -457,25 +496,16 @@ where
                 )
                 .await;
         }
-        self.pending.push(PendingAck { id, done: wait });
+        self.pending.push(Pending::Telemetry { id, done: wait });
         Ok(())
     }
 
-    /// Sends the ack (or error) for one commit, plus any others already done, in one flush.
-    async fn send_acks(&mut self, id: String, ok: bool) -> Result<(), WsError> {
-        self.ws.feed(ack_message(&id, ok)).await?;
-        while let Some(Some((id, ok))) = self.pending.next().now_or_never() {
-            self.ws.feed(ack_message(&id, ok)).await?;
-        }
-        self.ws.flush().await
-    }
-
-    /// On shutdown: wait for the writer to finish what this device sent, and ack it.
+    /// On shutdown: wait for the writer to finish what this device sent, and answer it.
     async fn drain_acks(&mut self) {
         let grace = self.ctx.settings.shutdown_grace;
         let _ = tokio::time::timeout(grace, async {
-            while let Some((id, ok)) = self.pending.next().await {
-                if self.send_acks(id, ok).await.is_err() {
+            while let Some(done) = self.pending.next().await {
+                if self.on_commits(done).await.is_err() {
                     break;
                 }
             }
@@ -506,6 +536,52 @@ where
             while let Some(Ok(_)) = self.ws.next().await {}
         })
         .await;
+    }
+}
+
+/// The reply to a committed command ack or result (a result's ack, or an error), and
+/// whether the command became final (freeing a slot in the window).
+fn answer_reply(
+    id: &str,
+    answer: Result<Answer, StoreError>,
+    is_result: bool,
+) -> (Option<Message>, bool) {
+    let error = |code, message| {
+        let text = Outbound::Error {
+            id: Some(id),
+            code,
+            message,
+        }
+        .to_json();
+        Some(Message::text(text))
+    };
+    match answer {
+        Ok(Answer::Unknown) => {
+            METRICS.rejection("unknown_command");
+            (
+                error(
+                    ErrorCode::UnknownCommand,
+                    "this device has no command with that id",
+                ),
+                false,
+            )
+        }
+        Ok(_) if !is_result => (None, false),
+        Ok(answer) => (
+            Some(Message::text(Outbound::Ack { id }.to_json())),
+            matches!(answer, Answer::Changed(_)),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record a command answer");
+            METRICS.rejection("internal");
+            (
+                error(
+                    ErrorCode::Internal,
+                    "storage failed; the answer was not recorded, retry later",
+                ),
+                false,
+            )
+        }
     }
 }
 

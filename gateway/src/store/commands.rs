@@ -6,7 +6,9 @@
 
 use sqlx::FromRow;
 
-use super::{is_unique_violation, Store, StoreError};
+use sqlx::SqliteConnection;
+
+use super::{Store, StoreError};
 
 /// A command's status, as stored and shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
@@ -151,60 +153,247 @@ pub struct ListQuery {
 
 const OPEN: &str = "('queued', 'sent', 'delivered')";
 
+/// A change to commands. The gateway hands these to the batching writer, so they
+/// commit together with telemetry (group commit) instead of one fsync each.
+#[derive(Debug)]
+pub enum CommandOp {
+    /// Queue a command, unless its idempotency key was seen or the queue is full.
+    Queue { new: NewCommand, queue_max: u32 },
+    /// Mark the device's oldest queued commands sent, leaving at most `window` in flight.
+    TakeForDelivery {
+        device_pk: i64,
+        window: u32,
+        now: i64,
+    },
+    /// The device acked a command: `queued`/`sent` -> `delivered`.
+    Delivered {
+        device_pk: i64,
+        id: String,
+        now: i64,
+    },
+    /// The device answered a command: any open status -> its final status.
+    Completed {
+        device_pk: i64,
+        id: String,
+        status: Status,
+        result: Option<String>,
+        error: Option<String>,
+        now: i64,
+    },
+    /// Not delivered before `expires_at`: `queued`/`sent` -> `expired`.
+    Expire { id: String, now: i64 },
+    /// Delivered, no result within `timeout_s`: `delivered` -> `timed_out`.
+    TimeOut { id: String, now: i64 },
+    /// An operator cancels a command that is not final.
+    Cancel { id: String, now: i64 },
+}
+
+/// What a [`CommandOp`] did.
+#[derive(Debug)]
+pub enum CommandOutcome {
+    Queued(Queued),
+    /// Commands marked sent, oldest first.
+    Taken(Vec<CommandRow>),
+    Answer(Answer),
+    /// The expired or timed-out command, if the deadline still applied.
+    Finished(Option<CommandRow>),
+    Cancel(Cancel),
+}
+
+impl CommandOp {
+    /// Applies the change inside the caller's transaction.
+    pub async fn apply(&self, conn: &mut SqliteConnection) -> Result<CommandOutcome, sqlx::Error> {
+        Ok(match self {
+            CommandOp::Queue { new, queue_max } => {
+                CommandOutcome::Queued(queue(conn, new, *queue_max).await?)
+            }
+            CommandOp::TakeForDelivery {
+                device_pk,
+                window,
+                now,
+            } => CommandOutcome::Taken(take_for_delivery(conn, *device_pk, *window, *now).await?),
+            CommandOp::Delivered { device_pk, id, now } => {
+                let row = sqlx::query_as(
+                    "UPDATE commands SET status = 'delivered', delivered_at = ?3 \
+                     WHERE id = ?1 AND device_pk = ?2 AND status IN ('queued', 'sent') RETURNING *",
+                )
+                .bind(id)
+                .bind(device_pk)
+                .bind(now)
+                .fetch_optional(&mut *conn)
+                .await?;
+                CommandOutcome::Answer(answer(conn, row, *device_pk, id).await?)
+            }
+            CommandOp::Completed {
+                device_pk,
+                id,
+                status,
+                result,
+                error,
+                now,
+            } => {
+                let row = sqlx::query_as(&format!(
+                    "UPDATE commands SET status = ?3, result = ?4, error = ?5, completed_at = ?6, \
+                     delivered_at = coalesce(delivered_at, ?6) \
+                     WHERE id = ?1 AND device_pk = ?2 AND status IN {OPEN} RETURNING *"
+                ))
+                .bind(id)
+                .bind(device_pk)
+                .bind(status)
+                .bind(result)
+                .bind(error)
+                .bind(now)
+                .fetch_optional(&mut *conn)
+                .await?;
+                CommandOutcome::Answer(answer(conn, row, *device_pk, id).await?)
+            }
+            CommandOp::Expire { id, now } => CommandOutcome::Finished(
+                finish_if(conn, id, "('queued', 'sent')", Status::Expired, *now).await?,
+            ),
+            CommandOp::TimeOut { id, now } => CommandOutcome::Finished(
+                finish_if(conn, id, "('delivered')", Status::TimedOut, *now).await?,
+            ),
+            CommandOp::Cancel { id, now } => CommandOutcome::Cancel(
+                match finish_if(conn, id, OPEN, Status::Canceled, *now).await? {
+                    Some(row) => Cancel::Canceled(row),
+                    None => match sqlx::query_as("SELECT * FROM commands WHERE id = ?1")
+                        .bind(id)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                    {
+                        Some(row) => Cancel::AlreadyFinal(row),
+                        None => Cancel::NotFound,
+                    },
+                },
+            ),
+        })
+    }
+}
+
+async fn queue(
+    conn: &mut SqliteConnection,
+    new: &NewCommand,
+    queue_max: u32,
+) -> Result<Queued, sqlx::Error> {
+    if let Some(key) = &new.idempotency_key {
+        let existing: Option<CommandRow> =
+            sqlx::query_as("SELECT * FROM commands WHERE device_pk = ?1 AND idempotency_key = ?2")
+                .bind(new.device_pk)
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(row) = existing {
+            return Ok(Queued::Existing(row));
+        }
+    }
+    let open: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN {OPEN}"
+    ))
+    .bind(new.device_pk)
+    .fetch_one(&mut *conn)
+    .await?;
+    if open >= i64::from(queue_max) {
+        return Ok(Queued::QueueFull);
+    }
+    let row: CommandRow = sqlx::query_as(
+        "INSERT INTO commands (id, device_pk, device_id, name, params, status, created_at, \
+         expires_at, timeout_s, idempotency_key) \
+         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9) RETURNING *",
+    )
+    .bind(&new.id)
+    .bind(new.device_pk)
+    .bind(&new.device_id)
+    .bind(&new.name)
+    .bind(&new.params)
+    .bind(new.created_at)
+    .bind(new.expires_at)
+    .bind(new.timeout_s)
+    .bind(&new.idempotency_key)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Queued::New(row))
+}
+
+async fn take_for_delivery(
+    conn: &mut SqliteConnection,
+    device_pk: i64,
+    window: u32,
+    now: i64,
+) -> Result<Vec<CommandRow>, sqlx::Error> {
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered')",
+    )
+    .bind(device_pk)
+    .fetch_one(&mut *conn)
+    .await?;
+    let free = i64::from(window) - in_flight;
+    if free <= 0 {
+        return Ok(Vec::new());
+    }
+    let mut rows: Vec<CommandRow> = sqlx::query_as(
+        "UPDATE commands SET status = 'sent', sent_at = ?2 WHERE rowid IN \
+         (SELECT rowid FROM commands WHERE device_pk = ?1 AND status = 'queued' \
+          AND expires_at > ?2 ORDER BY rowid LIMIT ?3) RETURNING *",
+    )
+    .bind(device_pk)
+    .bind(now)
+    .bind(free)
+    .fetch_all(&mut *conn)
+    .await?;
+    // RETURNING gives no order guarantee; creation order is the contract.
+    rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    Ok(rows)
+}
+
+async fn finish_if(
+    conn: &mut SqliteConnection,
+    id: &str,
+    from: &str,
+    to: Status,
+    now: i64,
+) -> Result<Option<CommandRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "UPDATE commands SET status = ?2, completed_at = ?3 \
+         WHERE id = ?1 AND status IN {from} RETURNING *"
+    ))
+    .bind(id)
+    .bind(to)
+    .bind(now)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Tells "already past that point" from "not this device's command".
+async fn answer(
+    conn: &mut SqliteConnection,
+    row: Option<CommandRow>,
+    device_pk: i64,
+    id: &str,
+) -> Result<Answer, sqlx::Error> {
+    if let Some(row) = row {
+        return Ok(Answer::Changed(Box::new(row)));
+    }
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM commands WHERE id = ?1 AND device_pk = ?2)",
+    )
+    .bind(id)
+    .bind(device_pk)
+    .fetch_one(conn)
+    .await?;
+    Ok(if known {
+        Answer::Unchanged
+    } else {
+        Answer::Unknown
+    })
+}
+
 impl Store {
-    /// Queues a command, unless its idempotency key was seen or the device's queue is full.
-    pub async fn queue_command(
-        &self,
-        new: &NewCommand,
-        queue_max: u32,
-    ) -> Result<Queued, StoreError> {
+    /// Applies one change in a transaction of its own (the gateway batches them in the writer).
+    pub async fn apply_command_op(&self, op: &CommandOp) -> Result<CommandOutcome, StoreError> {
         let mut tx = self.begin_write().await?;
-        if let Some(key) = &new.idempotency_key {
-            let existing: Option<CommandRow> = sqlx::query_as(
-                "SELECT * FROM commands WHERE device_pk = ?1 AND idempotency_key = ?2",
-            )
-            .bind(new.device_pk)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = existing {
-                return Ok(Queued::Existing(row));
-            }
-        }
-        let open: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN {OPEN}"
-        ))
-        .bind(new.device_pk)
-        .fetch_one(&mut *tx)
-        .await?;
-        if open >= i64::from(queue_max) {
-            return Ok(Queued::QueueFull);
-        }
-        let row: CommandRow = sqlx::query_as(
-            "INSERT INTO commands (id, device_pk, device_id, name, params, status, created_at, \
-             expires_at, timeout_s, idempotency_key) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9) RETURNING *",
-        )
-        .bind(&new.id)
-        .bind(new.device_pk)
-        .bind(&new.device_id)
-        .bind(&new.name)
-        .bind(&new.params)
-        .bind(new.created_at)
-        .bind(new.expires_at)
-        .bind(new.timeout_s)
-        .bind(&new.idempotency_key)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict
-            } else {
-                e.into()
-            }
-        })?;
+        let outcome = op.apply(&mut tx).await?;
         tx.commit().await?;
-        Ok(Queued::New(row))
+        Ok(outcome)
     }
 
     /// One command by id.
@@ -262,127 +451,6 @@ impl Store {
         .await?)
     }
 
-    /// Marks the device's oldest queued commands sent, so that at most `window` are in
-    /// flight; returns the ones to write to its socket, oldest first.
-    pub async fn take_for_delivery(
-        &self,
-        device_pk: i64,
-        window: u32,
-        now: i64,
-    ) -> Result<Vec<CommandRow>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let in_flight: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered')",
-        )
-        .bind(device_pk)
-        .fetch_one(&mut *tx)
-        .await?;
-        let free = i64::from(window) - in_flight;
-        if free <= 0 {
-            return Ok(Vec::new());
-        }
-        let rows: Vec<CommandRow> = sqlx::query_as(
-            "UPDATE commands SET status = 'sent', sent_at = ?2 WHERE rowid IN \
-             (SELECT rowid FROM commands WHERE device_pk = ?1 AND status = 'queued' \
-              AND expires_at > ?2 ORDER BY rowid LIMIT ?3) RETURNING *",
-        )
-        .bind(device_pk)
-        .bind(now)
-        .bind(free)
-        .fetch_all(&mut *tx)
-        .await?;
-        if rows.is_empty() {
-            return Ok(rows);
-        }
-        tx.commit().await?;
-        let mut rows = rows;
-        // RETURNING gives no order guarantee; creation order is the contract.
-        rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok(rows)
-    }
-
-    /// The device acked a command: `sent` -> `delivered`.
-    pub async fn command_delivered(
-        &self,
-        device_pk: i64,
-        id: &str,
-        now: i64,
-    ) -> Result<Answer, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<CommandRow> = sqlx::query_as(
-            "UPDATE commands SET status = 'delivered', delivered_at = ?3 \
-             WHERE id = ?1 AND device_pk = ?2 AND status IN ('queued', 'sent') RETURNING *",
-        )
-        .bind(id)
-        .bind(device_pk)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let answer = answer(&mut tx, row, device_pk, id).await?;
-        tx.commit().await?;
-        Ok(answer)
-    }
-
-    /// The device answered a command: any open status -> its final status.
-    pub async fn command_completed(
-        &self,
-        device_pk: i64,
-        id: &str,
-        status: Status,
-        result: Option<&str>,
-        error: Option<&str>,
-        now: i64,
-    ) -> Result<Answer, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<CommandRow> = sqlx::query_as(&format!(
-            "UPDATE commands SET status = ?3, result = ?4, error = ?5, completed_at = ?6, \
-             delivered_at = coalesce(delivered_at, ?6) \
-             WHERE id = ?1 AND device_pk = ?2 AND status IN {OPEN} RETURNING *"
-        ))
-        .bind(id)
-        .bind(device_pk)
-        .bind(status)
-        .bind(result)
-        .bind(error)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let answer = answer(&mut tx, row, device_pk, id).await?;
-        tx.commit().await?;
-        Ok(answer)
-    }
-
-    /// A command not delivered before `expires_at`: `queued`/`sent` -> `expired`.
-    pub async fn expire_command(
-        &self,
-        id: &str,
-        now: i64,
-    ) -> Result<Option<CommandRow>, StoreError> {
-        self.finish_if(id, "('queued', 'sent')", Status::Expired, now)
-            .await
-    }
-
-    /// A delivered command with no result within `timeout_s`: `delivered` -> `timed_out`.
-    pub async fn time_out_command(
-        &self,
-        id: &str,
-        now: i64,
-    ) -> Result<Option<CommandRow>, StoreError> {
-        self.finish_if(id, "('delivered')", Status::TimedOut, now)
-            .await
-    }
-
-    /// An operator cancels a command that is not final.
-    pub async fn cancel_command(&self, id: &str, now: i64) -> Result<Cancel, StoreError> {
-        if let Some(row) = self.finish_if(id, OPEN, Status::Canceled, now).await? {
-            return Ok(Cancel::Canceled(row));
-        }
-        Ok(match self.get_command(id).await? {
-            Some(row) => Cancel::AlreadyFinal(row),
-            None => Cancel::NotFound,
-        })
-    }
-
     /// Commands that are not final, for re-arming their timers at start-up.
     pub async fn open_commands(&self) -> Result<Vec<CommandRow>, StoreError> {
         Ok(
@@ -391,53 +459,6 @@ impl Store {
                 .await?,
         )
     }
-
-    async fn finish_if(
-        &self,
-        id: &str,
-        from: &str,
-        to: Status,
-        now: i64,
-    ) -> Result<Option<CommandRow>, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let row: Option<CommandRow> = sqlx::query_as(&format!(
-            "UPDATE commands SET status = ?2, completed_at = ?3 \
-             WHERE id = ?1 AND status IN {from} RETURNING *"
-        ))
-        .bind(id)
-        .bind(to)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if row.is_some() {
-            tx.commit().await?;
-        }
-        Ok(row)
-    }
-}
-
-/// Tells "already past that point" from "not this device's command".
-async fn answer(
-    conn: &mut sqlx::SqliteConnection,
-    row: Option<CommandRow>,
-    device_pk: i64,
-    id: &str,
-) -> Result<Answer, StoreError> {
-    if let Some(row) = row {
-        return Ok(Answer::Changed(Box::new(row)));
-    }
-    let known: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM commands WHERE id = ?1 AND device_pk = ?2)",
-    )
-    .bind(id)
-    .bind(device_pk)
-    .fetch_one(conn)
-    .await?;
-    Ok(if known {
-        Answer::Unchanged
-    } else {
-        Answer::Unknown
-    })
 }
 
 #[cfg(test)]
@@ -449,6 +470,108 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/c.db", dir.path().display());
         (dir, Store::open(&url, Synchronous::Normal).await.unwrap())
+    }
+
+    /// The ops one at a time, as the tests below read best.
+    impl Store {
+        async fn op(&self, op: CommandOp) -> CommandOutcome {
+            self.apply_command_op(&op).await.unwrap()
+        }
+        async fn queue_command(&self, new: &NewCommand, queue_max: u32) -> Result<Queued, ()> {
+            let new = new.clone();
+            match self.op(CommandOp::Queue { new, queue_max }).await {
+                CommandOutcome::Queued(q) => Ok(q),
+                o => panic!("{o:?}"),
+            }
+        }
+        async fn take_for_delivery(
+            &self,
+            device_pk: i64,
+            window: u32,
+            now: i64,
+        ) -> Result<Vec<CommandRow>, ()> {
+            match self
+                .op(CommandOp::TakeForDelivery {
+                    device_pk,
+                    window,
+                    now,
+                })
+                .await
+            {
+                CommandOutcome::Taken(rows) => Ok(rows),
+                o => panic!("{o:?}"),
+            }
+        }
+        async fn command_delivered(
+            &self,
+            device_pk: i64,
+            id: &str,
+            now: i64,
+        ) -> Result<Answer, ()> {
+            let id = id.to_owned();
+            match self.op(CommandOp::Delivered { device_pk, id, now }).await {
+                CommandOutcome::Answer(a) => Ok(a),
+                o => panic!("{o:?}"),
+            }
+        }
+        async fn command_completed(
+            &self,
+            device_pk: i64,
+            id: &str,
+            status: Status,
+            result: Option<&str>,
+            error: Option<&str>,
+            now: i64,
+        ) -> Result<Answer, ()> {
+            let op = CommandOp::Completed {
+                device_pk,
+                id: id.to_owned(),
+                status,
+                result: result.map(str::to_owned),
+                error: error.map(str::to_owned),
+                now,
+            };
+            match self.op(op).await {
+                CommandOutcome::Answer(a) => Ok(a),
+                o => panic!("{o:?}"),
+            }
+        }
+        async fn expire_command(&self, id: &str, now: i64) -> Result<Option<CommandRow>, ()> {
+            match self
+                .op(CommandOp::Expire {
+                    id: id.to_owned(),
+                    now,
+                })
+                .await
+            {
+                CommandOutcome::Finished(r) => Ok(r),
+                o => panic!("{o:?}"),
+            }
+        }
+        async fn time_out_command(&self, id: &str, now: i64) -> Result<Option<CommandRow>, ()> {
+            match self
+                .op(CommandOp::TimeOut {
+                    id: id.to_owned(),
+                    now,
+                })
+                .await
+            {
+                CommandOutcome::Finished(r) => Ok(r),
+                o => panic!("{o:?}"),
+            }
+        }
+        async fn cancel_command(&self, id: &str, now: i64) -> Result<Cancel, ()> {
+            match self
+                .op(CommandOp::Cancel {
+                    id: id.to_owned(),
+                    now,
+                })
+                .await
+            {
+                CommandOutcome::Cancel(c) => Ok(c),
+                o => panic!("{o:?}"),
+            }
+        }
     }
 
     fn new(id: &str, pk: i64, created_at: i64) -> NewCommand {

@@ -38,6 +38,8 @@ pub enum StoreError {
     Conflict,
     #[error("the telemetry writer has stopped")]
     WriterGone,
+    #[error("the batch holding this change failed to commit")]
+    NotCommitted,
 }
 
 /// True when the error is a UNIQUE constraint violation.

@@ -1,4 +1,4 @@
-//! The batching writer (group commit): the only task that writes telemetry and presence.
+//! The batching writer (group commit): the only task that writes telemetry, presence and commands.
 //!
 //! Sessions hand it jobs over a bounded channel. It takes every job that is
 //! waiting (up to `max_rows` telemetry rows, optionally waiting `max_delay` for
@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::commands::{CommandOp, CommandOutcome};
 use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
 use super::{Store, StoreError};
@@ -38,6 +39,8 @@ pub enum WriteJob {
     SessionStart(SessionStart),
     /// `done` learns when the end is recorded, so the session leaves the hub only then.
     SessionEnd(SessionEnd, oneshot::Sender<bool>),
+    /// A command change; `done` gets its outcome once committed (`None` if the commit failed).
+    Command(CommandOp, oneshot::Sender<Option<CommandOutcome>>),
 }
 
 impl WriteJob {
@@ -93,6 +96,32 @@ impl Writer {
     pub async fn submit(&self, job: WriteJob) -> Result<(), StoreError> {
         self.tx.send(job).await.map_err(|_| StoreError::WriterGone)
     }
+
+    /// Queues a command change; the receiver gets its outcome once committed.
+    pub async fn submit_command(&self, op: CommandOp) -> Result<CommandReceipt, StoreError> {
+        let (done, receipt) = oneshot::channel();
+        self.submit(WriteJob::Command(op, done)).await?;
+        Ok(receipt)
+    }
+
+    /// Applies a command change and waits for its commit.
+    pub async fn command(&self, op: CommandOp) -> Result<CommandOutcome, StoreError> {
+        committed(self.submit_command(op).await?.await)
+    }
+}
+
+/// Where a command change's outcome arrives (`None` if its batch failed).
+pub type CommandReceipt = oneshot::Receiver<Option<CommandOutcome>>;
+
+/// The outcome a [`CommandReceipt`] delivered, or why there is none.
+pub fn committed(
+    received: Result<Option<CommandOutcome>, oneshot::error::RecvError>,
+) -> Result<CommandOutcome, StoreError> {
+    match received {
+        Ok(Some(outcome)) => Ok(outcome),
+        Ok(None) => Err(StoreError::NotCommitted),
+        Err(_) => Err(StoreError::WriterGone),
+    }
 }
 
 async fn run(
@@ -127,7 +156,7 @@ async fn run(
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
         let ok = match &outcome {
-            Ok(()) => {
+            Ok(_) => {
                 METRICS.batch_rows.observe(rows as f64);
                 tracing::trace!(
                     rows,
@@ -142,6 +171,7 @@ async fn run(
                 false
             }
         };
+        let mut command_outcomes = outcome.ok().unwrap_or_default().into_iter();
         let mut committed = Vec::new();
         for job in batch.drain(..) {
             // A receiver may be gone (its session ended); its device will resend.
@@ -156,6 +186,9 @@ async fn run(
                     let _ = done.send(ok);
                 }
                 WriteJob::SessionStart(_) => {}
+                WriteJob::Command(_, done) => {
+                    let _ = done.send(command_outcomes.next());
+                }
             }
         }
         // After the acks: live events never delay an ack.
@@ -205,19 +238,22 @@ fn rows(batch: &[WriteJob]) -> Vec<NewRow<'_>> {
         .collect()
 }
 
-async fn commit(store: &Store, batch: &[WriteJob]) -> Result<(), StoreError> {
+/// Writes the batch in one transaction; the outcomes of its command jobs, in order.
+async fn commit(store: &Store, batch: &[WriteJob]) -> Result<Vec<CommandOutcome>, StoreError> {
     let rows = rows(batch);
     let mut tx = store.begin_write().await?;
     insert_rows(&mut tx, &rows).await?;
+    let mut outcomes = Vec::new();
     for job in batch {
         match job {
             WriteJob::SessionStart(s) => record_start(&mut tx, s).await?,
             WriteJob::SessionEnd(e, _) => record_end(&mut tx, e).await?,
+            WriteJob::Command(op, _) => outcomes.push(op.apply(&mut tx).await?),
             WriteJob::Telemetry(_) => {}
         }
     }
     tx.commit().await?;
-    Ok(())
+    Ok(outcomes)
 }
 
 #[cfg(test)]
