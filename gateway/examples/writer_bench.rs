@@ -34,6 +34,7 @@ async fn main() {
             max_delay: Duration::ZERO,
             queue: 4096,
         },
+        std::sync::Arc::new(gateway::events::Events::starting_now(10_000)),
     );
     let data = r#"{"temp":21.53,"humidity":40.21,"battery":88.12,"counter":12345,"state":"ok","site":"greenhouse-north-7","pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
     let committed = Arc::new(AtomicU64::new(0));
@@ -50,6 +51,7 @@ async fn main() {
                     let (done, rx) = oneshot::channel();
                     let job = TelemetryJob {
                         device_pk: d as i64 + 1,
+                        device_id: std::sync::Arc::from(format!("d{d}")),
                         msg_id: format!("m-{n}"),
                         points: vec![Point {
                             ts: None,

@@ -171,6 +171,12 @@ pub struct ServeArgs {
     /// Commands in flight per device [default: 8].
     #[arg(long, env = "GATEWAY_COMMAND_WINDOW", value_name = "N")]
     pub command_window: Option<u32>,
+    /// Commands not yet final a device may have queued before creating more gets 429 [default: 1000].
+    #[arg(long, env = "GATEWAY_COMMAND_QUEUE", value_name = "N")]
+    pub command_queue: Option<u32>,
+    /// Live events kept for `Last-Event-ID` resume [default: 10000].
+    #[arg(long, env = "GATEWAY_EVENT_BUFFER", value_name = "N")]
+    pub event_buffer: Option<usize>,
     /// Most telemetry rows one database transaction commits [default: 4000].
     #[arg(long, env = "GATEWAY_BATCH_MAX_ROWS", value_name = "N")]
     pub batch_max_rows: Option<usize>,
@@ -212,6 +218,8 @@ struct FileSettings {
     ping_interval: Option<TomlDuration>,
     idle_timeout: Option<TomlDuration>,
     command_window: Option<u32>,
+    command_queue: Option<u32>,
+    event_buffer: Option<usize>,
     batch_max_rows: Option<usize>,
     batch_max_delay: Option<TomlDuration>,
     writer_queue: Option<usize>,
@@ -250,6 +258,8 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
     pub command_window: u32,
+    pub command_queue: u32,
+    pub event_buffer: usize,
     pub batch_max_rows: usize,
     pub batch_max_delay: Duration,
     pub writer_queue: usize,
@@ -280,6 +290,8 @@ impl Default for Settings {
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
             command_window: 8,
+            command_queue: 1000,
+            event_buffer: 10_000,
             batch_max_rows: 4000,
             batch_max_delay: Duration::ZERO,
             writer_queue: 4096,
@@ -401,6 +413,14 @@ impl Settings {
                 .command_window
                 .or(file.command_window)
                 .unwrap_or(d.command_window),
+            command_queue: args
+                .command_queue
+                .or(file.command_queue)
+                .unwrap_or(d.command_queue),
+            event_buffer: args
+                .event_buffer
+                .or(file.event_buffer)
+                .unwrap_or(d.event_buffer),
             batch_max_rows: args
                 .batch_max_rows
                 .or(file.batch_max_rows)
@@ -474,6 +494,12 @@ impl Settings {
         }
         if self.command_window == 0 {
             return Err(invalid("command_window", "must be at least 1"));
+        }
+        if self.command_queue == 0 {
+            return Err(invalid("command_queue", "must be at least 1"));
+        }
+        if self.event_buffer == 0 {
+            return Err(invalid("event_buffer", "must be at least 1"));
         }
         if self.batch_max_rows == 0 {
             return Err(invalid("batch_max_rows", "must be at least 1"));

@@ -47,6 +47,7 @@ pub struct SessionHandle {
     last_seen: AtomicI64,
     close: OnceLock<CloseOrder>,
     closed: Notify,
+    commands: Notify,
 }
 
 impl SessionHandle {
@@ -58,6 +59,7 @@ impl SessionHandle {
             last_seen: AtomicI64::new(now),
             close: OnceLock::new(),
             closed: Notify::new(),
+            commands: Notify::new(),
         })
     }
 
@@ -75,6 +77,17 @@ impl SessionHandle {
     pub fn order_close(&self, order: CloseOrder) {
         let _ = self.close.set(order);
         self.closed.notify_one();
+    }
+
+    /// Tells the session its device's commands changed (one queued, or a slot freed).
+    pub fn notify_commands(&self) {
+        // `notify_one` keeps a permit when the session is busy, so no nudge is lost.
+        self.commands.notify_one();
+    }
+
+    /// Resolves after [`notify_commands`](Self::notify_commands) (cancel-safe).
+    pub async fn commands_changed(&self) {
+        self.commands.notified().await;
     }
 
     /// Resolves once a close was ordered (cancel-safe: an order is never lost).

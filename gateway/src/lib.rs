@@ -8,6 +8,9 @@
 //! - [`device`]: the device side: `listener` (accept loop), `handshake` (upgrade and
 //!   auth), `session` (one task per device), `protocol` (message types and validation),
 //!   `limits` (admission and rate limits).
+//! - [`commands`]: operator commands: queueing, the delivery window, device answers,
+//!   expiry and timeout timers, waiting for an outcome.
+//! - [`events`]: the bounded live event log behind `GET /v1/events`.
 //! - [`hub`]: who is online: device id -> handle of its live session.
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`store`]: the database: pools and migrations, one file per table family, and the
@@ -17,8 +20,10 @@
 //! - [`time`]: epoch milliseconds inside, RFC 3339 outside.
 
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod device;
+pub mod events;
 pub mod hub;
 pub mod metrics;
 pub mod shutdown;
@@ -169,6 +174,7 @@ impl Gateway {
                 "closed sessions left open by an unclean stop"
             );
         }
+        let events = Arc::new(events::Events::starting_now(settings.event_buffer));
         let (writer, writer_task) = Writer::spawn(
             store.clone(),
             WriterConfig {
@@ -176,13 +182,25 @@ impl Gateway {
                 max_delay: settings.batch_max_delay,
                 queue: settings.writer_queue,
             },
+            events.clone(),
         );
         let hub = Arc::new(Hub::default());
+        let commands = commands::Commands::start(
+            store.clone(),
+            hub.clone(),
+            events.clone(),
+            settings.command_window,
+            settings.command_queue,
+            shutdown.clone(),
+        )
+        .await?;
         let ctx = Arc::new(DeviceContext {
             settings: settings.clone(),
             store: store.clone(),
             hub: hub.clone(),
             writer,
+            commands: commands.clone(),
+            events: events.clone(),
             limits: device::limits::Limits::new(
                 settings.max_connections,
                 settings.max_connections_per_ip,
@@ -206,6 +224,8 @@ impl Gateway {
         let router = api::router(api::ApiState {
             store: store.clone(),
             hub,
+            commands,
+            events,
             api_key: Arc::new(api_key),
             shutdown: shutdown.clone(),
         });

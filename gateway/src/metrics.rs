@@ -27,6 +27,12 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// Label for command statuses.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandStatus {
+    pub status: &'static str,
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     pub connections: Gauge,
@@ -40,6 +46,8 @@ pub struct Metrics {
     pub batch_rows: Histogram,
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
+    pub commands: Family<CommandStatus, Counter>,
+    pub sse_clients: Gauge,
     registry: Registry,
 }
 
@@ -59,6 +67,8 @@ impl Metrics {
         let batch_rows = Histogram::new(exponential_buckets(1.0, 4.0, 8));
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let commit_failures = Counter::default();
+        let commands = Family::<CommandStatus, Counter>::default();
+        let sse_clients = Gauge::default();
         let mut r = Registry::with_prefix("gateway");
         r.register(
             "connections",
@@ -105,6 +115,16 @@ impl Metrics {
             "Batches whose commit failed",
             commit_failures.clone(),
         );
+        r.register(
+            "commands",
+            "Command status transitions, by the status reached",
+            commands.clone(),
+        );
+        r.register(
+            "sse_clients",
+            "Live event streams open now",
+            sse_clients.clone(),
+        );
         Metrics {
             connections,
             handshakes,
@@ -116,6 +136,8 @@ impl Metrics {
             batch_rows,
             commit_seconds,
             commit_failures,
+            commands,
+            sse_clients,
             registry: r,
         }
     }
@@ -133,6 +155,11 @@ impl Metrics {
     /// Counts a refused message by reason.
     pub fn rejection(&self, reason: &'static str) {
         self.rejections.get_or_create(&Reason { reason }).inc();
+    }
+
+    /// Counts a command reaching a status.
+    pub fn command(&self, status: &'static str) {
+        self.commands.get_or_create(&CommandStatus { status }).inc();
     }
 
     /// The Prometheus text exposition.

@@ -8,12 +8,16 @@
 //! - [`device`]: a WebSocket device client over rustls that trusts the gateway's
 //!   development CA, and sees handshake refusals as status + JSON body.
 //! - [`checks`]: assertions shared by the tests (error bodies, time formats, polling).
+//! - [`commands`]: create, read and wait on commands; receive and answer them as a device.
+//! - [`sse`]: a Server-Sent Events client for the live event stream.
 
 pub mod api;
 pub mod checks;
 pub mod cli;
+pub mod commands;
 pub mod device;
 pub mod gateway;
+pub mod sse;
 
 pub use api::{Api, Resp};
 pub use checks::{

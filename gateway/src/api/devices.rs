@@ -12,8 +12,9 @@ use serde_json::{json, Map, Value};
 
 use super::{cursor, parse_limit, ApiError, ApiState, JsonBody};
 use crate::device::listener::hash_token;
-use crate::hub::CloseOrder;
+use crate::hub::{CloseOrder, SessionHandle};
 use crate::store::devices::{DevicePatch, DeviceRow};
+use crate::store::sessions::SessionRow;
 use crate::store::StoreError;
 use crate::time::{format_ms, now_ms};
 
@@ -34,7 +35,11 @@ fn opt_time(ms: Option<i64>) -> Value {
 
 /// The device as the API shows it, with presence from the hub.
 fn device_json(state: &ApiState, row: &DeviceRow) -> Value {
-    let live = state.hub.get(&row.id);
+    device_value(row, state.hub.get(&row.id).as_deref())
+}
+
+/// The device as the API shows it, given its live session if it has one.
+fn device_value(row: &DeviceRow, live: Option<&SessionHandle>) -> Value {
     // A live session knows more than the row: the writer records presence asynchronously.
     let (last_connected, last_seen) = match &live {
         Some(h) => (
@@ -70,7 +75,7 @@ fn check_name(name: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-async fn find(state: &ApiState, id: &str) -> Result<DeviceRow, ApiError> {
+pub(super) async fn find(state: &ApiState, id: &str) -> Result<DeviceRow, ApiError> {
     state
         .store
         .get_device(id)
@@ -78,16 +83,26 @@ async fn find(state: &ApiState, id: &str) -> Result<DeviceRow, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))
 }
 
-#[derive(Deserialize)]
+/// The body of `POST /v1/devices`.
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CreateDevice {
+    /// `[A-Za-z0-9][A-Za-z0-9._:-]{0,127}`
     id: String,
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Map<String, Value>>,
 }
 
 /// `POST /v1/devices`: `201` with the device and its token (shown only here).
+#[utoipa::path(post, path = "/devices", tag = "devices", request_body = CreateDevice,
+    responses(
+        (status = 201, description = "Created; the token is shown only here", body = super::openapi::NewDevice),
+        (status = 400, description = "Malformed JSON", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody),
+        (status = 409, description = "The id exists", body = super::openapi::ErrorBody),
+        (status = 422, description = "Invalid id, name or metadata", body = super::openapi::ErrorBody)))]
 pub async fn create(
     State(state): State<ApiState>,
     JsonBody(body): JsonBody<CreateDevice>,
@@ -127,6 +142,12 @@ pub async fn create(
 }
 
 /// `GET /v1/devices?online=&limit=&cursor=`.
+#[utoipa::path(get, path = "/devices", tag = "devices",
+    params(("online" = Option<bool>, Query, description = "Only devices online (true) or offline (false)"), ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses(
+        (status = 200, description = "A page of devices, by id", body = super::openapi::DevicePage),
+        (status = 400, description = "Invalid query value", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody)))]
 pub async fn list(
     State(state): State<ApiState>,
     Query(params): Query<HashMap<String, String>>,
@@ -170,6 +191,10 @@ pub async fn list(
 }
 
 /// `GET /v1/devices/{id}`.
+#[utoipa::path(get, path = "/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "The device with its presence", body = super::openapi::Device),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody)))]
 pub async fn show(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -187,17 +212,27 @@ where
     T::deserialize(d).map(Some)
 }
 
-#[derive(Deserialize)]
+/// The body of `PATCH /v1/devices/{id}`: only the fields given change.
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct UpdateDevice {
+    /// `null` clears the name.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
     name: Option<Option<String>>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Map<String, Value>>,
     #[serde(default)]
     enabled: Option<bool>,
 }
 
 /// `PATCH /v1/devices/{id}`: name, metadata, enabled; disabling closes a live session (4003).
+#[utoipa::path(patch, path = "/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")), request_body = UpdateDevice,
+    responses(
+        (status = 200, description = "The updated device; disabling closes a live session with 4003", body = super::openapi::Device),
+        (status = 400, description = "Malformed JSON", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody),
+        (status = 422, description = "Invalid field", body = super::openapi::ErrorBody)))]
 pub async fn update(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -221,6 +256,10 @@ pub async fn update(
 }
 
 /// `DELETE /v1/devices/{id}`: `204`; a live session is closed (4003).
+#[utoipa::path(delete, path = "/devices/{id}", tag = "devices", params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 204, description = "Deleted, with its telemetry, sessions and commands; a live session is closed with 4003"),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody)))]
 pub async fn remove(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -242,6 +281,10 @@ pub async fn remove(
 }
 
 /// `POST /v1/devices/{id}/token`: a new token; the old one stops working, a live session is closed (4003).
+#[utoipa::path(post, path = "/devices/{id}/token", tag = "devices", params(("id" = String, Path, description = "Device id")),
+    responses(
+        (status = 200, description = "A new token; the old one stops working and a live session is closed with 4003", body = super::openapi::Token),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody)))]
 pub async fn rotate_token(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -260,6 +303,11 @@ pub async fn rotate_token(
 }
 
 /// `GET /v1/devices/{id}/sessions`: connection history, newest first.
+#[utoipa::path(get, path = "/devices/{id}/sessions", tag = "devices", params(("id" = String, Path, description = "Device id"), ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses(
+        (status = 200, description = "Connection history, newest first", body = super::openapi::SessionPage),
+        (status = 400, description = "Invalid query value", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody)))]
 pub async fn sessions(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -293,20 +341,50 @@ pub async fn sessions(
     } else {
         None
     };
-    let items: Vec<Value> = rows
-        .iter()
-        .map(|r| {
-            json!({
-                "session_id": r.session_id,
-                "connected_at": format_ms(r.connected_at),
-                "disconnected_at": opt_time(r.disconnected_at),
-                "disconnect_reason": r.disconnect_reason,
-                "remote_addr": r.remote_addr,
-                "auth": r.auth,
-            })
-        })
-        .collect();
+    let items: Vec<Value> = rows.iter().map(session_json).collect();
     Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
+}
+
+fn session_json(r: &SessionRow) -> Value {
+    json!({
+        "session_id": r.session_id,
+        "connected_at": format_ms(r.connected_at),
+        "disconnected_at": opt_time(r.disconnected_at),
+        "disconnect_reason": r.disconnect_reason,
+        "remote_addr": r.remote_addr,
+        "auth": r.auth,
+    })
+}
+
+/// A device as shown, for checking the documented schema.
+#[cfg(test)]
+pub(crate) fn example_device_json() -> Value {
+    let row = DeviceRow {
+        pk: 1,
+        id: "d".into(),
+        name: None,
+        metadata: "{}".into(),
+        enabled: true,
+        created_at: 0,
+        last_connected_at: None,
+        last_disconnected_at: None,
+        last_seen_at: None,
+        last_disconnect_reason: None,
+    };
+    device_value(&row, None)
+}
+
+/// A session as shown, for checking the documented schema.
+#[cfg(test)]
+pub(crate) fn example_session_json() -> Value {
+    session_json(&SessionRow {
+        session_id: "s".into(),
+        connected_at: 0,
+        disconnected_at: None,
+        disconnect_reason: None,
+        remote_addr: "127.0.0.1:1".into(),
+        auth: "token".into(),
+    })
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@ use serde_json::{json, Value};
 use super::{ApiError, ApiState};
 
 /// `GET /metrics`: Prometheus text format, no auth.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics() -> impl axum::response::IntoResponse {
     (
         [(
@@ -18,11 +20,17 @@ pub async fn metrics() -> impl axum::response::IntoResponse {
 }
 
 /// `GET /healthz`: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is up", body = super::openapi::Health)))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: the database answers and the gateway is not shutting down.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "The database answers", body = super::openapi::Health),
+        (status = 503, description = "Shutting down or the database does not answer", body = super::openapi::ErrorBody)))]
 pub async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::unavailable("shutting down"));

@@ -1,9 +1,12 @@
 //! The operator HTTP API (axum): `router()`, the error type, auth and body extraction.
 
+mod commands;
 mod devices;
+mod events;
 mod health;
 pub mod https;
 pub mod key;
+pub mod openapi;
 mod telemetry;
 
 use std::sync::Arc;
@@ -14,11 +17,15 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::commands::Commands;
+use crate::events::Events;
 use crate::hub::Hub;
 use crate::store::{Store, StoreError};
 
@@ -30,6 +37,8 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct ApiState {
     pub store: Store,
     pub hub: Arc<Hub>,
+    pub commands: Arc<Commands>,
+    pub events: Arc<Events>,
     pub api_key: Arc<key::ApiKey>,
     pub shutdown: CancellationToken,
 }
@@ -73,6 +82,10 @@ impl ApiError {
             "unauthorized",
             "missing or wrong API key: send Authorization: Bearer <api key>",
         )
+    }
+    /// 429 `rate_limited`.
+    pub fn rate_limited(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
     }
     /// 503 `unavailable`.
     pub fn unavailable(message: impl Into<String>) -> ApiError {
@@ -150,31 +163,44 @@ async fn not_found() -> ApiError {
 
 /// The whole operator API.
 pub fn router(state: ApiState) -> Router {
-    let v1 = Router::new()
-        .route("/devices", post(devices::create).get(devices::list))
-        .route(
-            "/devices/{id}",
-            get(devices::show)
-                .patch(devices::update)
-                .delete(devices::remove),
-        )
-        .route("/devices/{id}/token", post(devices::rotate_token))
-        .route("/devices/{id}/sessions", get(devices::sessions))
-        .route("/devices/{id}/telemetry", get(telemetry::query))
-        .route("/devices/{id}/telemetry/latest", get(telemetry::latest))
-        .fallback(not_found)
+    router_and_document(state).0
+}
+
+/// The operator API and its OpenAPI document, built from the same route list.
+pub fn router_and_document(state: ApiState) -> (Router, utoipa::openapi::OpenApi) {
+    let protected = OpenApiRouter::new()
+        .routes(routes!(devices::create, devices::list))
+        .routes(routes!(devices::show, devices::update, devices::remove))
+        .routes(routes!(devices::rotate_token))
+        .routes(routes!(devices::sessions))
+        .routes(routes!(telemetry::query))
+        .routes(routes!(telemetry::latest))
+        .routes(routes!(commands::create, commands::list))
+        .routes(routes!(commands::show))
+        .routes(routes!(commands::cancel))
+        .routes(routes!(events::stream))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(openapi::document))
+        .merge(protected)
+        .fallback(not_found);
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health::healthz))
+        .routes(routes!(health::readyz))
+        .routes(routes!(health::metrics))
         .nest("/v1", v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+        .split_for_parts();
+    openapi::require_key_under_v1(&mut doc);
+    let document = openapi::Document(Arc::new(
+        serde_json::to_value(&doc).expect("the OpenAPI document serializes"),
+    ));
+    (router.layer(Extension(document)), doc)
 }
 
 /// Parses an optional `limit` query value: 1..=1000, default 100.

@@ -112,6 +112,22 @@ fn item(row: &TelemetryRow, keys: Option<&[String]>) -> Value {
     })
 }
 
+/// A point as shown, for checking the documented schema.
+#[cfg(test)]
+pub(crate) fn example_point_json() -> Value {
+    item(
+        &TelemetryRow {
+            rowid: 1,
+            msg_id: "m".into(),
+            seq: 0,
+            ts: 0,
+            received_at: 0,
+            data: "{}".into(),
+        },
+        None,
+    )
+}
+
 fn number(v: f64) -> Value {
     if v.fract() == 0.0 && v.abs() < 9.0e15 {
         json!(v as i64)
@@ -130,6 +146,19 @@ async fn device_pk(state: &ApiState, id: &str) -> Result<i64, ApiError> {
 }
 
 /// `GET /v1/devices/{id}/telemetry?from=&to=&limit=&order=&cursor=&keys=&interval=&agg=`.
+#[utoipa::path(get, path = "/devices/{id}/telemetry", tag = "telemetry",
+    params(("id" = String, Path, description = "Device id"),
+        ("from" = Option<String>, Query, description = "Inclusive lower bound of ts: RFC 3339 or epoch ms"),
+        ("to" = Option<String>, Query, description = "Exclusive upper bound of ts: RFC 3339 or epoch ms"),
+        ("order" = Option<String>, Query, description = "asc or desc (default)"),
+        ("keys" = Option<String>, Query, description = "Comma-separated keys of data to keep"),
+        ("interval" = Option<String>, Query, description = "Aggregate into intervals such as 60s, 5m, 1h"),
+        ("agg" = Option<String>, Query, description = "avg (default), min, max, sum, count or last"),
+        ("limit" = Option<u32>, Query, description = "1 to 1000, default 100"), ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses(
+        (status = 200, description = "Points ({id, seq, ts, received_at, data}), or buckets ({ts, values}) with interval", body = super::openapi::TelemetryPage),
+        (status = 400, description = "Invalid query value", body = super::openapi::ErrorBody),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody), (status = 404, description = "No such device", body = super::openapi::ErrorBody)))]
 pub async fn query(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -237,6 +266,12 @@ async fn aggregates(
 }
 
 /// `GET /v1/devices/{id}/telemetry/latest`: the newest point, `404` if none.
+#[utoipa::path(get, path = "/devices/{id}/telemetry/latest", tag = "telemetry",
+    params(("id" = String, Path, description = "Device id"), ("keys" = Option<String>, Query, description = "Comma-separated keys of data to keep")),
+    responses(
+        (status = 200, description = "The point with the newest ts", body = super::openapi::TelemetryPoint),
+        (status = 401, description = "Missing or wrong API key", body = super::openapi::ErrorBody),
+        (status = 404, description = "No such device, or no telemetry yet", body = super::openapi::ErrorBody)))]
 pub async fn latest(
     State(state): State<ApiState>,
     Path(id): Path<String>,

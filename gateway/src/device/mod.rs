@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::commands::Commands;
 use crate::config::Settings;
+use crate::events::Events;
 use crate::hub::Hub;
 use crate::store::writer::Writer;
 use crate::store::Store;
@@ -22,6 +24,8 @@ pub struct DeviceContext {
     pub store: Store,
     pub hub: Arc<Hub>,
     pub writer: Writer,
+    pub commands: Arc<Commands>,
+    pub events: Arc<Events>,
     pub limits: Arc<limits::Limits>,
     pub shutdown: CancellationToken,
 }

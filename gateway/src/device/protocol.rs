@@ -240,6 +240,12 @@ pub enum Outbound<'a> {
     Ack {
         id: &'a str,
     },
+    Command {
+        id: &'a str,
+        name: &'a str,
+        params: &'a RawValue,
+        expires_at: String,
+    },
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
@@ -403,6 +409,17 @@ mod tests {
         assert_eq!(
             Outbound::Ack { id: "m-1" }.to_json(),
             r#"{"type":"ack","id":"m-1"}"#
+        );
+        let params = RawValue::from_string(r#"{"delay_s":5}"#.into()).unwrap();
+        assert_eq!(
+            Outbound::Command {
+                id: "c-1",
+                name: "reboot",
+                params: &params,
+                expires_at: "2026-11-25T11:00:00.000Z".into(),
+            }
+            .to_json(),
+            r#"{"type":"command","id":"c-1","name":"reboot","params":{"delay_s":5},"expires_at":"2026-11-25T11:00:00.000Z"}"#
         );
         assert_eq!(
             Outbound::Error {

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -16,13 +17,16 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use super::limits::TokenBucket;
-use super::protocol::{self, ErrorCode, Inbound, Limits, Outbound};
+use super::protocol::{self, ErrorCode, Inbound, Limits, Outbound, ResultStatus};
 use super::DeviceContext;
+use crate::events::{EventKind, Payload};
 use crate::hub::{CloseOrder, SessionHandle};
 use crate::metrics::{Reason, METRICS};
+use crate::store::commands::{Answer, CommandRow, Status};
 use crate::store::sessions::{SessionEnd, SessionStart};
 use crate::store::writer::{TelemetryJob, WriteJob};
-use crate::time::now_ms;
+use crate::store::StoreError;
+use crate::time::{format_ms, now_ms};
 
 /// Messages a device may have waiting for their commit before the session stops reading.
 const MAX_PENDING_ACKS: usize = 128;
@@ -89,6 +93,8 @@ pub struct Session<S> {
     ws: WebSocketStream<S>,
     ctx: Arc<DeviceContext>,
     me: Identity,
+    /// The device id, shared with the events and write jobs this session makes.
+    device_id: Arc<str>,
     handle: Arc<SessionHandle>,
     pending: FuturesUnordered<PendingAck>,
     bucket: TokenBucket,
@@ -107,6 +113,7 @@ where
         Session {
             ws,
             ctx,
+            device_id: Arc::from(me.device_id.as_str()),
             me,
             handle,
             pending: FuturesUnordered::new(),
@@ -131,10 +138,14 @@ where
         };
         let _ = self.ctx.writer.submit(WriteJob::SessionStart(start)).await;
         METRICS.connections.inc();
+        self.publish_presence(EventKind::DeviceConnected, connected_at, None);
         tracing::debug!("device connected");
 
         let ending = match self.welcome().await {
-            Ok(()) => self.serve().await,
+            Ok(()) => match self.deliver_commands(true).await {
+                Ok(()) => self.serve().await,
+                Err(_) => Ending::lost(),
+            },
             Err(_) => Ending::lost(),
         };
         if let Some((code, text)) = ending.close {
@@ -146,10 +157,11 @@ where
             self.ws.get_mut().shutdown(),
         )
         .await;
+        let disconnected_at = now_ms();
         let end = SessionEnd {
             session_id: self.me.session_id.clone(),
             device_pk: self.me.device_pk,
-            disconnected_at: now_ms(),
+            disconnected_at,
             reason: ending.reason,
             last_seen_at: self.handle.last_seen(),
         };
@@ -168,6 +180,11 @@ where
         self.ctx
             .hub
             .unregister(&self.me.device_id, &self.me.session_id);
+        self.publish_presence(
+            EventKind::DeviceDisconnected,
+            disconnected_at,
+            Some(ending.reason),
+        );
         METRICS.connections.dec();
         METRICS
             .disconnects
@@ -176,6 +193,18 @@ where
             })
             .inc();
         tracing::debug!(reason = ending.reason, "device disconnected");
+    }
+
+    fn publish_presence(&self, kind: EventKind, at: i64, reason: Option<&'static str>) {
+        self.ctx.events.publish(
+            kind,
+            self.device_id.clone(),
+            Payload::Presence {
+                session_id: self.me.session_id.clone(),
+                at,
+                reason,
+            },
+        );
     }
 
     async fn welcome(&mut self) -> Result<(), WsError> {
@@ -211,6 +240,11 @@ where
                 order = handle.close_ordered() => return order.into(),
                 Some((id, ok)) = self.pending.next(), if !self.pending.is_empty() => {
                     if self.send_acks(id, ok).await.is_err() {
+                        return Ending::lost();
+                    }
+                }
+                _ = handle.commands_changed() => {
+                    if self.deliver_commands(false).await.is_err() {
                         return Ending::lost();
                     }
                 }
@@ -287,18 +321,107 @@ where
                 METRICS.telemetry_messages.inc();
                 self.on_telemetry(id, points).await
             }
-            Inbound::Ack { id } | Inbound::CommandResult { id, .. } => {
-                METRICS.message("command_answer");
+            Inbound::Ack { id } => {
+                METRICS.message("ack");
+                let answer = self.ctx.commands.delivered(self.me.device_pk, &id).await;
+                self.after_answer(&id, answer, false).await
+            }
+            Inbound::CommandResult {
+                id,
+                status,
+                result,
+                error,
+            } => {
+                METRICS.message("command_result");
+                let status = match status {
+                    ResultStatus::Succeeded => Status::Succeeded,
+                    ResultStatus::Failed => Status::Failed,
+                    ResultStatus::Rejected => Status::Rejected,
+                };
+                let answer = self
+                    .ctx
+                    .commands
+                    .completed(
+                        self.me.device_pk,
+                        &id,
+                        status,
+                        result.as_deref(),
+                        error.as_deref(),
+                    )
+                    .await;
+                self.after_answer(&id, answer, true).await
+            }
+        };
+        result.err().map(|_| Ending::lost())
+    }
+
+    /// Replies to a command ack or result: `unknown_command`, `internal`, or (for a
+    /// result) the ack; a final result frees a slot, so the next command may go out.
+    async fn after_answer(
+        &mut self,
+        id: &str,
+        answer: Result<Answer, StoreError>,
+        is_result: bool,
+    ) -> Result<(), WsError> {
+        match answer {
+            Ok(Answer::Unknown) => {
                 METRICS.rejection("unknown_command");
                 self.send_error(
-                    Some(&id),
+                    Some(id),
                     ErrorCode::UnknownCommand,
                     "this device has no command with that id",
                 )
                 .await
             }
+            Ok(answer) => {
+                if !is_result {
+                    return Ok(());
+                }
+                self.ws
+                    .send(Message::text(Outbound::Ack { id }.to_json()))
+                    .await?;
+                match answer {
+                    Answer::Changed(_) => self.deliver_commands(false).await,
+                    _ => Ok(()),
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a command answer");
+                METRICS.rejection("internal");
+                self.send_error(
+                    Some(id),
+                    ErrorCode::Internal,
+                    "storage failed; the answer was not recorded, retry later",
+                )
+                .await
+            }
+        }
+    }
+
+    /// Writes out the commands due: on (re)connect first those sent before and never
+    /// acked, then queued ones while the window has room.
+    async fn deliver_commands(&mut self, reconnect: bool) -> Result<(), WsError> {
+        let commands = self.ctx.commands.clone();
+        let pk = self.me.device_pk;
+        let mut due = Vec::new();
+        let listed = async {
+            if reconnect {
+                due = commands.unacked(pk).await?;
+            }
+            due.extend(commands.take_for_delivery(pk).await?);
+            Ok::<_, StoreError>(())
         };
-        result.err().map(|_| Ending::lost())
+        if let Err(e) = listed.await {
+            // The commands stay queued; the next nudge or reconnect tries again.
+            tracing::error!(error = %e, "cannot read the device's commands");
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        for row in &due {
+            self.ws.feed(command_message(row)).await?;
+        }
+        self.ws.flush().await
     }
 
     async fn on_telemetry(
@@ -319,6 +442,7 @@ where
         let (done, wait) = oneshot::channel();
         let job = WriteJob::Telemetry(TelemetryJob {
             device_pk: self.me.device_pk,
+            device_id: self.device_id.clone(),
             msg_id: id.clone(),
             points,
             received_at: now_ms(),
@@ -383,6 +507,20 @@ where
         })
         .await;
     }
+}
+
+fn command_message(row: &CommandRow) -> Message {
+    let empty = RawValue::from_string("{}".into()).expect("valid JSON");
+    let params = serde_json::from_str::<&RawValue>(&row.params).unwrap_or(&empty);
+    Message::text(
+        Outbound::Command {
+            id: &row.id,
+            name: &row.name,
+            params,
+            expires_at: format_ms(row.expires_at),
+        }
+        .to_json(),
+    )
 }
 
 fn ack_message(id: &str, ok: bool) -> Message {

@@ -5,6 +5,7 @@
 //! connections that WAL lets run beside the writer. Telemetry and presence reach
 //! the write connection through the batching [`writer`] (group commit).
 
+pub mod commands;
 pub mod devices;
 pub mod sessions;
 pub mod telemetry;

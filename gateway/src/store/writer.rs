@@ -6,6 +6,7 @@
 //! insert, commits, and only then answers each telemetry job. When it falls
 //! behind, the channel fills and sessions stop reading their sockets.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -15,12 +16,15 @@ use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
 use super::{Store, StoreError};
 use crate::device::protocol::Point;
+use crate::events::{EventKind, Events, Payload};
 use crate::metrics::METRICS;
 
 /// Telemetry to commit; `done` receives `true` once it is durable, `false` if the commit failed.
 #[derive(Debug)]
 pub struct TelemetryJob {
     pub device_pk: i64,
+    /// For the `telemetry` events published once the commit is done.
+    pub device_id: Arc<str>,
     pub msg_id: String,
     pub points: Vec<Point>,
     pub received_at: i64,
@@ -68,7 +72,7 @@ impl Writer {
     /// The writer runs on a thread of its own (with its own small runtime), so its
     /// round trips to SQLite are never queued behind thousands of session tasks:
     /// a commit's latency is the database's, not the scheduler's.
-    pub fn spawn(store: Store, config: WriterConfig) -> (Writer, WriterTask) {
+    pub fn spawn(store: Store, config: WriterConfig, events: Arc<Events>) -> (Writer, WriterTask) {
         let (tx, rx) = mpsc::channel(config.queue);
         let (finished, task) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -78,7 +82,7 @@ impl Writer {
         std::thread::Builder::new()
             .name("telemetry-writer".into())
             .spawn(move || {
-                runtime.block_on(run(store, config, rx));
+                runtime.block_on(run(store, config, rx, &events));
                 let _ = finished.send(());
             })
             .expect("spawning the writer thread");
@@ -91,7 +95,12 @@ impl Writer {
     }
 }
 
-async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob>) {
+async fn run(
+    store: Store,
+    config: WriterConfig,
+    mut rx: mpsc::Receiver<WriteJob>,
+    events: &Events,
+) {
     let mut batch: Vec<WriteJob> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut rows = first.rows();
@@ -133,11 +142,15 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob
                 false
             }
         };
+        let mut committed = Vec::new();
         for job in batch.drain(..) {
             // A receiver may be gone (its session ended); its device will resend.
             match job {
                 WriteJob::Telemetry(t) => {
                     let _ = t.done.send(ok);
+                    if ok {
+                        committed.push((t.device_id, t.msg_id, t.points, t.received_at));
+                    }
                 }
                 WriteJob::SessionEnd(_, done) => {
                     let _ = done.send(ok);
@@ -145,8 +158,30 @@ async fn run(store: Store, config: WriterConfig, mut rx: mpsc::Receiver<WriteJob
                 WriteJob::SessionStart(_) => {}
             }
         }
+        // After the acks: live events never delay an ack.
+        events.publish_all(committed.into_iter().flat_map(telemetry_events));
     }
     tracing::debug!("telemetry writer stopped");
+}
+
+/// One `telemetry` event per committed point.
+fn telemetry_events(
+    (device_id, msg_id, points, received_at): (Arc<str>, String, Vec<Point>, i64),
+) -> impl Iterator<Item = (EventKind, Arc<str>, Payload)> {
+    let msg_id: Arc<str> = Arc::from(msg_id);
+    points.into_iter().enumerate().map(move |(seq, p)| {
+        (
+            EventKind::Telemetry,
+            device_id.clone(),
+            Payload::Telemetry {
+                msg_id: msg_id.clone(),
+                seq: seq as u32,
+                ts: p.ts.unwrap_or(received_at),
+                received_at,
+                data: p.data,
+            },
+        )
+    })
 }
 
 /// The batch's telemetry as rows: one per point, `seq` its index, `ts` defaulting to receipt.
@@ -205,6 +240,7 @@ mod tests {
             .collect();
         let job = WriteJob::Telemetry(TelemetryJob {
             device_pk: pk,
+            device_id: Arc::from("d"),
             msg_id: id.to_string(),
             points,
             received_at: 5000,
@@ -237,6 +273,7 @@ mod tests {
                 max_delay: Duration::ZERO,
                 queue: 16,
             },
+            Arc::new(Events::new(100, 1)),
         );
         let mut waits = Vec::new();
         for _ in 0..3 {

@@ -1,0 +1,591 @@
+//! Commands: each device's queue of operator commands and every status transition.
+//!
+//! A transition is one conditional `UPDATE ... RETURNING`: it names the statuses
+//! it may leave, so a late timer, a second session or a duplicate answer finds
+//! nothing to change instead of undoing a newer state.
+
+use sqlx::FromRow;
+
+use super::{is_unique_violation, Store, StoreError};
+
+/// A command's status, as stored and shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    Sent,
+    Delivered,
+    Succeeded,
+    Failed,
+    Rejected,
+    Expired,
+    TimedOut,
+    Canceled,
+}
+
+impl Status {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Status; 9] = [
+        Status::Queued,
+        Status::Sent,
+        Status::Delivered,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Rejected,
+        Status::Expired,
+        Status::TimedOut,
+        Status::Canceled,
+    ];
+
+    /// The name on the wire and in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Sent => "sent",
+            Status::Delivered => "delivered",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Rejected => "rejected",
+            Status::Expired => "expired",
+            Status::TimedOut => "timed_out",
+            Status::Canceled => "canceled",
+        }
+    }
+
+    /// Parses a status name.
+    pub fn parse(text: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// True once nothing can change the command any more.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Status::Queued | Status::Sent | Status::Delivered)
+    }
+}
+
+/// A stored command.
+#[derive(Debug, Clone, FromRow)]
+pub struct CommandRow {
+    pub id: String,
+    pub device_pk: i64,
+    pub device_id: String,
+    pub name: String,
+    /// JSON text.
+    pub params: String,
+    pub status: Status,
+    pub created_at: i64,
+    pub sent_at: Option<i64>,
+    pub delivered_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub expires_at: i64,
+    pub timeout_s: i64,
+    /// JSON text.
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub idempotency_key: Option<String>,
+}
+
+impl CommandRow {
+    /// When a delivered command times out (epoch ms).
+    pub fn result_deadline(&self) -> Option<i64> {
+        self.delivered_at
+            .map(|d| d.saturating_add(self.timeout_s.saturating_mul(1000)))
+    }
+}
+
+/// A command to queue.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub id: String,
+    pub device_pk: i64,
+    pub device_id: String,
+    pub name: String,
+    pub params: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub timeout_s: i64,
+    pub idempotency_key: Option<String>,
+}
+
+/// What queueing a command did.
+#[derive(Debug)]
+pub enum Queued {
+    /// A new command.
+    New(CommandRow),
+    /// The command created earlier with the same idempotency key.
+    Existing(CommandRow),
+    /// The device already has `queue_max` commands that are not final.
+    QueueFull,
+}
+
+/// What a device's answer (ack or result) did.
+#[derive(Debug)]
+pub enum Answer {
+    /// The command moved to a new status.
+    Changed(Box<CommandRow>),
+    /// The device has this command, but it was already past that point.
+    Unchanged,
+    /// This device has no command with that id.
+    Unknown,
+}
+
+/// What a cancel did.
+#[derive(Debug)]
+pub enum Cancel {
+    Canceled(CommandRow),
+    AlreadyFinal(CommandRow),
+    NotFound,
+}
+
+/// A page of a device's commands.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub device_pk: i64,
+    pub statuses: Vec<Status>,
+    pub descending: bool,
+    /// Row id of the last command on the previous page.
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+const OPEN: &str = "('queued', 'sent', 'delivered')";
+
+impl Store {
+    /// Queues a command, unless its idempotency key was seen or the device's queue is full.
+    pub async fn queue_command(
+        &self,
+        new: &NewCommand,
+        queue_max: u32,
+    ) -> Result<Queued, StoreError> {
+        let mut tx = self.begin_write().await?;
+        if let Some(key) = &new.idempotency_key {
+            let existing: Option<CommandRow> = sqlx::query_as(
+                "SELECT * FROM commands WHERE device_pk = ?1 AND idempotency_key = ?2",
+            )
+            .bind(new.device_pk)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = existing {
+                return Ok(Queued::Existing(row));
+            }
+        }
+        let open: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN {OPEN}"
+        ))
+        .bind(new.device_pk)
+        .fetch_one(&mut *tx)
+        .await?;
+        if open >= i64::from(queue_max) {
+            return Ok(Queued::QueueFull);
+        }
+        let row: CommandRow = sqlx::query_as(
+            "INSERT INTO commands (id, device_pk, device_id, name, params, status, created_at, \
+             expires_at, timeout_s, idempotency_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9) RETURNING *",
+        )
+        .bind(&new.id)
+        .bind(new.device_pk)
+        .bind(&new.device_id)
+        .bind(&new.name)
+        .bind(&new.params)
+        .bind(new.created_at)
+        .bind(new.expires_at)
+        .bind(new.timeout_s)
+        .bind(&new.idempotency_key)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict
+            } else {
+                e.into()
+            }
+        })?;
+        tx.commit().await?;
+        Ok(Queued::New(row))
+    }
+
+    /// One command by id.
+    pub async fn get_command(&self, id: &str) -> Result<Option<CommandRow>, StoreError> {
+        Ok(sqlx::query_as("SELECT * FROM commands WHERE id = ?1")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?)
+    }
+
+    /// A page of a device's commands with their row ids (for the cursor), in creation order.
+    pub async fn list_commands(&self, q: &ListQuery) -> Result<Vec<(i64, CommandRow)>, StoreError> {
+        #[derive(FromRow)]
+        struct Listed {
+            rowid: i64,
+            #[sqlx(flatten)]
+            row: CommandRow,
+        }
+        let statuses = if q.statuses.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<String> = q
+                .statuses
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect();
+            format!("AND status IN ({})", names.join(", "))
+        };
+        let (cmp, order) = if q.descending {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        let sql = format!(
+            "SELECT rowid, * FROM commands WHERE device_pk = ?1 {statuses} \
+             AND (?2 IS NULL OR rowid {cmp} ?2) ORDER BY rowid {order} LIMIT ?3"
+        );
+        let rows: Vec<Listed> = sqlx::query_as(&sql)
+            .bind(q.device_pk)
+            .bind(q.after)
+            .bind(q.limit)
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows.into_iter().map(|l| (l.rowid, l.row)).collect())
+    }
+
+    /// A device's commands that were sent or delivered and are not final, oldest first.
+    pub async fn in_flight_commands(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT * FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered') \
+             ORDER BY rowid",
+        )
+        .bind(device_pk)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
+    /// Marks the device's oldest queued commands sent, so that at most `window` are in
+    /// flight; returns the ones to write to its socket, oldest first.
+    pub async fn take_for_delivery(
+        &self,
+        device_pk: i64,
+        window: u32,
+        now: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let in_flight: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered')",
+        )
+        .bind(device_pk)
+        .fetch_one(&mut *tx)
+        .await?;
+        let free = i64::from(window) - in_flight;
+        if free <= 0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<CommandRow> = sqlx::query_as(
+            "UPDATE commands SET status = 'sent', sent_at = ?2 WHERE rowid IN \
+             (SELECT rowid FROM commands WHERE device_pk = ?1 AND status = 'queued' \
+              AND expires_at > ?2 ORDER BY rowid LIMIT ?3) RETURNING *",
+        )
+        .bind(device_pk)
+        .bind(now)
+        .bind(free)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(rows);
+        }
+        tx.commit().await?;
+        let mut rows = rows;
+        // RETURNING gives no order guarantee; creation order is the contract.
+        rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(rows)
+    }
+
+    /// The device acked a command: `sent` -> `delivered`.
+    pub async fn command_delivered(
+        &self,
+        device_pk: i64,
+        id: &str,
+        now: i64,
+    ) -> Result<Answer, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<CommandRow> = sqlx::query_as(
+            "UPDATE commands SET status = 'delivered', delivered_at = ?3 \
+             WHERE id = ?1 AND device_pk = ?2 AND status IN ('queued', 'sent') RETURNING *",
+        )
+        .bind(id)
+        .bind(device_pk)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let answer = answer(&mut tx, row, device_pk, id).await?;
+        tx.commit().await?;
+        Ok(answer)
+    }
+
+    /// The device answered a command: any open status -> its final status.
+    pub async fn command_completed(
+        &self,
+        device_pk: i64,
+        id: &str,
+        status: Status,
+        result: Option<&str>,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<Answer, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<CommandRow> = sqlx::query_as(&format!(
+            "UPDATE commands SET status = ?3, result = ?4, error = ?5, completed_at = ?6, \
+             delivered_at = coalesce(delivered_at, ?6) \
+             WHERE id = ?1 AND device_pk = ?2 AND status IN {OPEN} RETURNING *"
+        ))
+        .bind(id)
+        .bind(device_pk)
+        .bind(status)
+        .bind(result)
+        .bind(error)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let answer = answer(&mut tx, row, device_pk, id).await?;
+        tx.commit().await?;
+        Ok(answer)
+    }
+
+    /// A command not delivered before `expires_at`: `queued`/`sent` -> `expired`.
+    pub async fn expire_command(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> Result<Option<CommandRow>, StoreError> {
+        self.finish_if(id, "('queued', 'sent')", Status::Expired, now)
+            .await
+    }
+
+    /// A delivered command with no result within `timeout_s`: `delivered` -> `timed_out`.
+    pub async fn time_out_command(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> Result<Option<CommandRow>, StoreError> {
+        self.finish_if(id, "('delivered')", Status::TimedOut, now)
+            .await
+    }
+
+    /// An operator cancels a command that is not final.
+    pub async fn cancel_command(&self, id: &str, now: i64) -> Result<Cancel, StoreError> {
+        if let Some(row) = self.finish_if(id, OPEN, Status::Canceled, now).await? {
+            return Ok(Cancel::Canceled(row));
+        }
+        Ok(match self.get_command(id).await? {
+            Some(row) => Cancel::AlreadyFinal(row),
+            None => Cancel::NotFound,
+        })
+    }
+
+    /// Commands that are not final, for re-arming their timers at start-up.
+    pub async fn open_commands(&self) -> Result<Vec<CommandRow>, StoreError> {
+        Ok(
+            sqlx::query_as(&format!("SELECT * FROM commands WHERE status IN {OPEN}"))
+                .fetch_all(&self.read)
+                .await?,
+        )
+    }
+
+    async fn finish_if(
+        &self,
+        id: &str,
+        from: &str,
+        to: Status,
+        now: i64,
+    ) -> Result<Option<CommandRow>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<CommandRow> = sqlx::query_as(&format!(
+            "UPDATE commands SET status = ?2, completed_at = ?3 \
+             WHERE id = ?1 AND status IN {from} RETURNING *"
+        ))
+        .bind(id)
+        .bind(to)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if row.is_some() {
+            tx.commit().await?;
+        }
+        Ok(row)
+    }
+}
+
+/// Tells "already past that point" from "not this device's command".
+async fn answer(
+    conn: &mut sqlx::SqliteConnection,
+    row: Option<CommandRow>,
+    device_pk: i64,
+    id: &str,
+) -> Result<Answer, StoreError> {
+    if let Some(row) = row {
+        return Ok(Answer::Changed(Box::new(row)));
+    }
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM commands WHERE id = ?1 AND device_pk = ?2)",
+    )
+    .bind(id)
+    .bind(device_pk)
+    .fetch_one(conn)
+    .await?;
+    Ok(if known {
+        Answer::Unchanged
+    } else {
+        Answer::Unknown
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/c.db", dir.path().display());
+        (dir, Store::open(&url, Synchronous::Normal).await.unwrap())
+    }
+
+    fn new(id: &str, pk: i64, created_at: i64) -> NewCommand {
+        NewCommand {
+            id: id.into(),
+            device_pk: pk,
+            device_id: format!("d{pk}"),
+            name: "ping".into(),
+            params: "{}".into(),
+            created_at,
+            expires_at: created_at + 60_000,
+            timeout_s: 30,
+            idempotency_key: None,
+        }
+    }
+
+    #[test]
+    fn final_statuses() {
+        let open: Vec<_> = Status::ALL.into_iter().filter(|s| !s.is_final()).collect();
+        assert_eq!(open, [Status::Queued, Status::Sent, Status::Delivered]);
+        assert_eq!(Status::parse("timed_out"), Some(Status::TimedOut));
+        assert_eq!(Status::parse("done"), None);
+    }
+
+    #[tokio::test]
+    async fn delivery_takes_the_oldest_up_to_the_window() {
+        let (_d, store) = store().await;
+        for i in 0..5 {
+            let q = store
+                .queue_command(&new(&format!("c{i}"), 1, 10 + i), 100)
+                .await;
+            assert!(matches!(q.unwrap(), Queued::New(_)));
+        }
+        let first = store.take_for_delivery(1, 3, 20).await.unwrap();
+        let ids: Vec<_> = first.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["c0", "c1", "c2"]);
+        assert!(first
+            .iter()
+            .all(|r| r.status == Status::Sent && r.sent_at == Some(20)));
+        assert!(
+            store.take_for_delivery(1, 3, 21).await.unwrap().is_empty(),
+            "window full"
+        );
+        let done = store
+            .command_completed(1, "c1", Status::Succeeded, Some("{}"), None, 22)
+            .await
+            .unwrap();
+        let Answer::Changed(row) = done else {
+            panic!("{done:?}")
+        };
+        assert_eq!(
+            (row.status, row.delivered_at, row.completed_at),
+            (Status::Succeeded, Some(22), Some(22))
+        );
+        let next = store.take_for_delivery(1, 3, 23).await.unwrap();
+        assert_eq!(
+            next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["c3"]
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_are_scoped_to_the_device_and_never_undo_a_final_status() {
+        let (_d, store) = store().await;
+        store.queue_command(&new("c1", 1, 10), 100).await.unwrap();
+        store.take_for_delivery(1, 8, 11).await.unwrap();
+        assert!(matches!(
+            store.command_delivered(2, "c1", 12).await.unwrap(),
+            Answer::Unknown
+        ));
+        assert!(matches!(
+            store.command_delivered(1, "c1", 12).await.unwrap(),
+            Answer::Changed(r) if r.status == Status::Delivered
+        ));
+        assert!(matches!(
+            store.command_delivered(1, "c1", 13).await.unwrap(),
+            Answer::Unchanged
+        ));
+        assert!(
+            store.expire_command("c1", 14).await.unwrap().is_none(),
+            "delivered does not expire"
+        );
+        assert!(store.time_out_command("c1", 15).await.unwrap().is_some());
+        assert!(matches!(
+            store
+                .command_completed(1, "c1", Status::Succeeded, None, None, 16)
+                .await
+                .unwrap(),
+            Answer::Unchanged
+        ));
+        assert_eq!(
+            store.get_command("c1").await.unwrap().unwrap().status,
+            Status::TimedOut
+        );
+        assert!(matches!(
+            store.cancel_command("c1", 17).await.unwrap(),
+            Cancel::AlreadyFinal(_)
+        ));
+        assert!(matches!(
+            store.cancel_command("nope", 17).await.unwrap(),
+            Cancel::NotFound
+        ));
+    }
+
+    #[tokio::test]
+    async fn idempotency_and_the_queue_bound() {
+        let (_d, store) = store().await;
+        let mut keyed = new("c1", 1, 10);
+        keyed.idempotency_key = Some("k".into());
+        assert!(matches!(
+            store.queue_command(&keyed, 2).await.unwrap(),
+            Queued::New(_)
+        ));
+        keyed.id = "c2".into();
+        assert!(matches!(
+            store.queue_command(&keyed, 2).await.unwrap(),
+            Queued::Existing(r) if r.id == "c1"
+        ));
+        store.queue_command(&new("c3", 1, 11), 2).await.unwrap();
+        assert!(matches!(
+            store.queue_command(&new("c4", 1, 12), 2).await.unwrap(),
+            Queued::QueueFull
+        ));
+        assert!(matches!(
+            store.queue_command(&new("c5", 2, 12), 2).await.unwrap(),
+            Queued::New(_)
+        ));
+        let page = store
+            .list_commands(&ListQuery {
+                device_pk: 1,
+                statuses: vec![Status::Queued],
+                descending: true,
+                after: None,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(page[0].1.id, "c3", "newest first");
+    }
+}
