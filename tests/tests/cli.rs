@@ -578,14 +578,13 @@ fn answer_commands(mut dev: Device, status: &'static str) -> tokio::task::JoinHa
         loop {
             match dev.next_event(Duration::from_secs(60)).await {
                 Event::Json(msg) if msg["type"] == "command" => {
-                    let reply = if status == "succeeded" {
-                        json!({"type": "command_result", "id": msg["id"], "status": status,
-                               "result": {"echo": msg["params"]}})
+                    let extra = if status == "succeeded" {
+                        json!({"result": {"echo": msg["params"]}})
                     } else {
-                        json!({"type": "command_result", "id": msg["id"], "status": status,
-                               "error": "disk full"})
+                        json!({"error": "disk full"})
                     };
-                    dev.send_json(&reply).await;
+                    let id = msg["id"].as_str().expect("command id");
+                    e2e::commands::answer(&mut dev, id, status, extra).await;
                 }
                 Event::Json(_) => continue,
                 _ => return,
@@ -595,7 +594,6 @@ fn answer_commands(mut dev: Device, status: &'static str) -> tokio::task::JoinHa
 }
 
 #[tokio::test]
-#[ignore = "needs the commands and events API from main"]
 async fn commands_send_wait_shows_succeeded_for_a_device_that_answers() {
     let gw = Gateway::start(Options::new()).await;
     let token = gw.create_device("sensor-1").await;
@@ -687,7 +685,6 @@ async fn commands_send_wait_shows_succeeded_for_a_device_that_answers() {
 }
 
 #[tokio::test]
-#[ignore = "needs the commands and events API from main"]
 async fn commands_send_wait_exits_4_when_the_command_fails() {
     let gw = Gateway::start(Options::new()).await;
     let token = gw.create_device("sensor-1").await;
@@ -720,7 +717,6 @@ async fn commands_send_wait_exits_4_when_the_command_fails() {
 }
 
 #[tokio::test]
-#[ignore = "needs the commands and events API from main"]
 async fn commands_send_wait_to_an_offline_device_exits_5_and_cancel_cancels() {
     let gw = Gateway::start(Options::new()).await;
     gw.create_device("sensor-1").await;
@@ -776,7 +772,6 @@ async fn commands_send_wait_to_an_offline_device_exits_5_and_cancel_cancels() {
 }
 
 #[tokio::test]
-#[ignore = "needs the commands and events API from main"]
 async fn events_prints_a_line_when_the_device_connects() {
     let gw = Gateway::start(Options::new()).await;
     let token = gw.create_device("sensor-1").await;
@@ -812,7 +807,6 @@ async fn events_prints_a_line_when_the_device_connects() {
 }
 
 #[tokio::test]
-#[ignore = "needs the commands and events API from main"]
 async fn events_json_is_one_object_per_line() {
     let gw = Gateway::start(Options::new()).await;
     let token = gw.create_device("sensor-1").await;
@@ -841,7 +835,6 @@ async fn events_json_is_one_object_per_line() {
 }
 
 #[tokio::test]
-#[ignore = "needs the commands and events API from main"]
 async fn telemetry_follow_prints_history_then_new_points() {
     let gw = Gateway::start(Options::new()).await;
     let token = gw.create_device("sensor-1").await;

@@ -59,7 +59,7 @@ pub enum CommandsAction {
     List {
         /// The device id.
         device: String,
-        /// Only commands in this status (queued, sent, delivered, succeeded, failed, ...).
+        /// Only commands in these statuses, e.g. queued or queued,sent,delivered.
         #[arg(long)]
         status: Option<String>,
         /// At most this many commands [default: all].

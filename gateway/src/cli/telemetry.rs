@@ -82,7 +82,8 @@ pub async fn run(client: &Client, json: bool, args: &TelemetryArgs) -> Result<()
         match event.name.as_str() {
             "telemetry" if event.data["device_id"] == args.device.as_str() => {}
             "lagged" => {
-                eprintln!("gateway: warning: the gateway skipped events for this slow reader");
+                let missed = text(&event.data["missed"]);
+                eprintln!("gateway: warning: {missed} events missed: this reader fell behind");
                 continue;
             }
             _ => continue,
