@@ -125,6 +125,10 @@ impl CliError {
 
 /// Runs one client command and turns its outcome into an exit code (printing the error line).
 pub fn run(command: ClientCommand) -> ExitCode {
+    // Scripts read stderr as one line: even a bug says so on one line, without a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("gateway: internal error: {}", one_line(&info.to_string()));
+    }));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
