@@ -1,4 +1,7 @@
-//! The `gateway` binary: parse the command line, set up logging, load settings, bind, run.
+//! The `gateway` binary: parse the command line, then serve (logging, settings, bind, run)
+//! or run one operator CLI command against a gateway's API.
+
+mod cli;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -8,8 +11,16 @@ use gateway::config::{LogFormat, ServeArgs, Settings};
 use tokio_util::sync::CancellationToken;
 
 /// IoT device-to-cloud WebSocket gateway.
+///
+/// Without a command (or with `serve`) it runs the gateway. The other commands are an
+/// operator CLI that talks to a running gateway's HTTP API.
 #[derive(Parser)]
-#[command(version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    after_long_help = cli::EXIT_CODES
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -21,6 +32,8 @@ struct Cli {
 enum Command {
     /// Run the gateway (the default when no command is given).
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 fn init_tracing(format: LogFormat) {
@@ -39,6 +52,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Client(command)) => return cli::run(command),
         None => cli.serve,
     };
     let settings = match Settings::load(args) {

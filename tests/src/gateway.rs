@@ -12,6 +12,7 @@ use tokio::process::{Child, ChildStdout, Command};
 
 use crate::api::Api;
 use crate::checks::random_token;
+use crate::cli::Cli;
 use crate::device::{ConnectRequest, Device};
 
 /// How long a gateway may take to print its `listening` line.
@@ -226,6 +227,11 @@ impl Gateway {
         Api::new(&self.api_url, &self.root_url, Some(&self.api_key))
     }
 
+    /// The CLI run in this gateway's directory with `--api-url` and `--api-key` for it.
+    pub fn cli(&self) -> Cli {
+        Cli::new(self.dir()).tail(["--api-url", &self.api_url, "--api-key", &self.api_key])
+    }
+
     /// Create a device through the API (asserting `201`) and return its token.
     pub async fn create_device(&self, id: &str) -> String {
         self.api().create_device(id).await
@@ -375,6 +381,15 @@ fn build_gateway() -> Result<PathBuf, String> {
     cmd.current_dir(workspace)
         .args(["build", "-p", "gateway", "--bin", "gateway", "--target-dir"])
         .arg(target_dir);
+    // `cargo test` gives this process the test crate's CARGO_PKG_*, CARGO_MANIFEST_* and the
+    // like. Build scripts that watch them (ring's does) would see a change and rebuild, with
+    // everything above them, on every test run and again on the next plain build.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if is_crate_env(name) {
+            cmd.env_remove(name);
+        }
+    }
     match profile {
         "debug" => {}
         "release" => {
@@ -400,9 +415,44 @@ fn build_gateway() -> Result<PathBuf, String> {
     }
 }
 
+/// The variables cargo sets for the crate it runs (as opposed to those that configure cargo).
+fn is_crate_env(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_listening;
+    use super::{is_crate_env, parse_listening};
+
+    #[test]
+    fn only_the_crate_environment_is_dropped_for_the_build() {
+        for dropped in [
+            "CARGO_PKG_NAME",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_TARGET_TMPDIR",
+        ] {
+            assert!(is_crate_env(dropped), "{dropped}");
+        }
+        for kept in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_NET_OFFLINE",
+        ] {
+            assert!(!is_crate_env(kept), "{kept}");
+        }
+    }
 
     #[test]
     fn listening_line_is_parsed_strictly() {

@@ -4,6 +4,7 @@
 //! - [`gateway`]: build the binary once per test run, start it on free ports in a
 //!   fresh directory, kill or terminate it, restart it on the same data.
 //! - [`api`]: a small client for the operator HTTP API.
+//! - [`cli`]: the `gateway` binary run as the operator CLI, one-shot or streaming.
 //! - [`device`]: a WebSocket device client over rustls that trusts the gateway's
 //!   development CA, and sees handshake refusals as status + JSON body.
 //! - [`checks`]: assertions shared by the tests (error bodies, time formats, polling).
@@ -12,6 +13,7 @@
 
 pub mod api;
 pub mod checks;
+pub mod cli;
 pub mod commands;
 pub mod device;
 pub mod gateway;
@@ -22,6 +24,7 @@ pub use checks::{
     assert_api_error, assert_close_to_now, assert_error_body, assert_rfc3339_ms, eventually,
     fmt_ms, random_token, time_field, unique_id,
 };
+pub use cli::{Cli, CliOutput, CliProcess};
 pub use device::{ConnectRequest, Device, Event, Handshake, RawConn, Refusal};
 pub use gateway::{Gateway, Options, Stopped};
 pub use serde_json::{json, Value};
