@@ -18,6 +18,9 @@
 //! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`.
 //! - [`shutdown`]: signal -> cancellation; [`Gateway::run`] drains within a grace period.
 //! - [`time`]: epoch milliseconds inside, RFC 3339 outside.
+//!
+//! The binary adds the operator CLI (`src/cli/`: `gateway devices ...`, `gateway
+//! commands ...`), which talks to a running gateway over its HTTP API only.
 
 pub mod api;
 pub mod commands;
