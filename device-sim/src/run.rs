@@ -1,6 +1,7 @@
 //! `device-sim run`: a fleet of devices sending telemetry and answering commands until Ctrl-C or
 //! `--duration`; on a terminal, one live status line; at the end, a summary (or JSON).
 
+use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -22,8 +23,18 @@ use crate::stats::{self, ErrorTally};
 const LIVE_EVERY: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs the fleet; prints a summary line (or JSON) when it stops.
+/// Runs the fleet until Ctrl-C, SIGTERM or `--duration`; prints a summary line (or JSON).
 pub async fn run(common: &Common, args: &RunArgs) -> Result<()> {
+    run_until(common, args, shutdown::signal()).await
+}
+
+/// Runs the fleet until `stop` resolves (or `--duration` ends, or every device stopped); prints
+/// a summary line (or JSON) once the devices have closed their connections.
+pub async fn run_until(
+    common: &Common,
+    args: &RunArgs,
+    stop: impl Future<Output = ()>,
+) -> Result<()> {
     let period = match args.rate {
         0.0 => None,
         rate if rate.is_finite() && rate > 0.0 && rate <= 10_000.0 => {
@@ -86,14 +97,13 @@ pub async fn run(common: &Common, args: &RunArgs) -> Result<()> {
             None => std::future::pending().await,
         }
     };
-    let signal = shutdown::signal();
-    tokio::pin!(deadline, signal);
+    tokio::pin!(deadline, stop);
     let live = std::io::stderr().is_terminal();
     let mut status = tokio::time::interval(if live { LIVE_EVERY } else { PROGRESS_EVERY });
     status.tick().await;
     loop {
         tokio::select! {
-            _ = &mut signal => break,
+            _ = &mut stop => break,
             _ = &mut deadline => break,
             _ = status.tick() => {
                 let line = Summary::take(args.devices, &counters, &tally).line();
