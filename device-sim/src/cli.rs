@@ -78,6 +78,11 @@ pub enum Command {
     Idle(IdleArgs),
     /// Only create the devices and write the tokens file.
     Provision(ProvisionArgs),
+    /// Start the gateway (its binary, on its defaults, in this directory) and a fleet that it
+    /// provisions, print where to look; Ctrl-C stops the fleet, then the gateway.
+    /// --url and --api-url are taken from the gateway's `listening` line.
+    #[cfg(unix)]
+    Demo(DemoArgs),
 }
 
 /// Options of `run`.
@@ -186,6 +191,23 @@ pub struct IdleArgs {
     /// Do not stop when stdin closes (for running with stdin at /dev/null).
     #[arg(long)]
     pub ignore_stdin: bool,
+}
+
+/// Options of `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Telemetry messages per second per device.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// The gateway binary [default: `gateway` beside this program].
+    #[arg(long, value_name = "FILE")]
+    pub gateway_bin: Option<PathBuf>,
+    /// Where the gateway's log (its stderr) goes.
+    #[arg(long, value_name = "FILE", default_value = "data/gateway.log")]
+    pub gateway_log: PathBuf,
 }
 
 /// Options of `provision`.

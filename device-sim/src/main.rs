@@ -11,6 +11,8 @@ mod chaos;
 mod cli;
 mod commands;
 mod conn;
+#[cfg(unix)]
+mod demo;
 mod device;
 mod fleet;
 mod idle;
@@ -45,6 +47,8 @@ async fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(&cli.common, args).await,
         Command::BenchCommands(args) => bench_commands::bench_commands(&cli.common, args).await,
         Command::Idle(args) => idle::idle(&cli.common, args).await,
+        #[cfg(unix)]
+        Command::Demo(args) => demo::demo(&cli.common, args).await,
         Command::Provision(args) => fleet::credentials(&cli.common, args.devices, true)
             .await
             .map(|_| true),

@@ -46,3 +46,31 @@ pub fn cancel_at_stdin_eof(token: CancellationToken) {
         token.cancel();
     });
 }
+
+/// Ctrl-C and SIGTERM, caught from the moment this is created, for a process that has children
+/// to stop in order: a signal must never take its default action (death, children orphaned).
+#[cfg(unix)]
+pub struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    /// Starts catching SIGINT and SIGTERM.
+    pub fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// The next Ctrl-C or SIGTERM; one that arrived since the last call returns at once.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
