@@ -1,7 +1,7 @@
 //! Who is online: device id -> the live session's shared handle.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
@@ -48,6 +48,11 @@ pub struct SessionHandle {
     close: OnceLock<CloseOrder>,
     closed: Notify,
     commands: Notify,
+    /// Commands already marked sent, `(id, message)`, for the session to write out;
+    /// `None` once the session stopped writing.
+    outbox: Mutex<Option<Vec<(String, String)>>>,
+    /// The session should look for queued commands its window lets through.
+    recheck: AtomicBool,
 }
 
 impl SessionHandle {
@@ -60,6 +65,8 @@ impl SessionHandle {
             close: OnceLock::new(),
             closed: Notify::new(),
             commands: Notify::new(),
+            outbox: Mutex::new(Some(Vec::new())),
+            recheck: AtomicBool::new(false),
         })
     }
 
@@ -81,13 +88,55 @@ impl SessionHandle {
 
     /// Tells the session its device's commands changed (one queued, or a slot freed).
     pub fn notify_commands(&self) {
+        self.recheck.store(true, Ordering::Release);
         // `notify_one` keeps a permit when the session is busy, so no nudge is lost.
         self.commands.notify_one();
     }
 
-    /// Resolves after [`notify_commands`](Self::notify_commands) (cancel-safe).
+    /// Hands the session commands already marked sent, `(id, message)`; gives them back
+    /// if the session no longer writes (it is ending).
+    pub fn push_commands(
+        &self,
+        messages: Vec<(String, String)>,
+    ) -> Result<(), Vec<(String, String)>> {
+        match self.outbox.lock().expect("outbox lock").as_mut() {
+            Some(outbox) => outbox.extend(messages),
+            None => return Err(messages),
+        }
+        self.commands.notify_one();
+        Ok(())
+    }
+
+    /// True while the session writes commands out.
+    pub fn accepts_commands(&self) -> bool {
+        self.outbox.lock().expect("outbox lock").is_some()
+    }
+
+    /// The session stops writing commands; returns those pushed but never written.
+    pub fn stop_commands(&self) -> Vec<(String, String)> {
+        self.outbox
+            .lock()
+            .expect("outbox lock")
+            .take()
+            .unwrap_or_default()
+    }
+
+    /// Resolves after [`notify_commands`](Self::notify_commands) or
+    /// [`push_commands`](Self::push_commands) (cancel-safe).
     pub async fn commands_changed(&self) {
         self.commands.notified().await;
+    }
+
+    /// The messages pushed since the last call, and whether a recheck was asked for.
+    pub fn take_commands(&self) -> (Vec<(String, String)>, bool) {
+        let messages = self
+            .outbox
+            .lock()
+            .expect("outbox lock")
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
+        (messages, self.recheck.swap(false, Ordering::AcqRel))
     }
 
     /// Resolves once a close was ordered (cancel-safe: an order is never lost).
@@ -184,5 +233,24 @@ mod tests {
         assert!(hub.close("d", CloseOrder::DISABLED));
         assert!(!hub.close("other", CloseOrder::DISABLED));
         assert_eq!(h.close_ordered().await, CloseOrder::DISABLED);
+    }
+
+    #[test]
+    fn commands_pushed_after_the_session_stopped_come_back() {
+        let h = SessionHandle::new("s".into(), 0);
+        h.push_commands(vec![("c1".into(), "m1".into())]).unwrap();
+        assert_eq!(h.take_commands(), (vec![("c1".into(), "m1".into())], false));
+        h.push_commands(vec![("c2".into(), "m2".into())]).unwrap();
+        h.notify_commands();
+        assert!(h.accepts_commands());
+        assert_eq!(h.stop_commands(), vec![("c2".into(), "m2".into())]);
+        assert!(!h.accepts_commands());
+        let back = h.push_commands(vec![("c3".into(), "m3".into())]);
+        assert_eq!(back, Err(vec![("c3".into(), "m3".into())]));
+        assert_eq!(
+            h.take_commands(),
+            (vec![], true),
+            "the recheck flag survives"
+        );
     }
 }

@@ -110,17 +110,34 @@ impl Commands {
             timeout_s: request.timeout_s,
             idempotency_key: request.idempotency_key,
         };
+        // For an online device, the same commit marks it sent when its window has room,
+        // and the session gets it without another round trip to the database.
+        let session = self.hub.get(device_id).filter(|s| s.accepts_commands());
         let op = CommandOp::Queue {
             new,
             queue_max: self.queue_max,
+            deliver_window: session.as_ref().map(|_| self.window),
         };
-        let CommandOutcome::Queued(queued) = self.writer.command(op).await? else {
+        let CommandOutcome::Queued(queued, taken) = self.writer.command(op).await? else {
             unreachable!("a queue op answers Queued")
         };
         if let Queued::New(row) = &queued {
             self.arm(row).await;
             self.updated(row);
-            self.nudge(device_id);
+            for sent in &taken {
+                self.updated(sent);
+            }
+            match (&session, taken.is_empty()) {
+                (Some(s), false) => {
+                    let messages = taken.iter().map(|r| (r.id.clone(), wire_text(r))).collect();
+                    if let Err(unsent) = s.push_commands(messages) {
+                        // The session ended meanwhile: back to the queue for the next one.
+                        self.requeue(unsent.into_iter().map(|(id, _)| id).collect())
+                            .await?;
+                    }
+                }
+                _ => self.nudge(device_id),
+            }
         }
         Ok(queued)
     }
@@ -196,6 +213,24 @@ impl Commands {
             self.updated(row);
         }
         Ok(rows)
+    }
+
+    /// Puts commands marked sent but never written out back in the queue.
+    pub async fn requeue(&self, ids: Vec<String>) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let CommandOutcome::Taken(rows) = self.writer.command(CommandOp::Requeue { ids }).await?
+        else {
+            unreachable!("a requeue op answers Taken")
+        };
+        for row in &rows {
+            self.updated(row);
+        }
+        if let Some(row) = rows.first() {
+            self.nudge(&row.device_id);
+        }
+        Ok(())
     }
 
     /// Hands the device's ack (receipt) of a command to the writer; see [`answered`](Self::answered).
@@ -303,6 +338,19 @@ impl Commands {
             session.notify_commands();
         }
     }
+}
+
+/// The `command` message a device receives.
+pub fn wire_text(row: &CommandRow) -> String {
+    let empty = RawValue::from_string("{}".into()).expect("valid JSON");
+    let params = serde_json::from_str::<&RawValue>(&row.params).unwrap_or(&empty);
+    crate::device::protocol::Outbound::Command {
+        id: &row.id,
+        name: &row.name,
+        params,
+        expires_at: format_ms(row.expires_at),
+    }
+    .to_json()
 }
 
 /// A command as the API and the event stream show it.

@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -26,7 +25,7 @@ use crate::store::commands::{Answer, CommandOutcome, CommandRow, Status};
 use crate::store::sessions::{SessionEnd, SessionStart};
 use crate::store::writer::{CommandReceipt, TelemetryJob, WriteJob};
 use crate::store::StoreError;
-use crate::time::{format_ms, now_ms};
+use crate::time::now_ms;
 
 /// Messages a device may have waiting for their commit before the session stops reading.
 const MAX_PENDING_ACKS: usize = 128;
@@ -163,7 +162,17 @@ where
             remote_addr: self.me.remote_addr.clone(),
             auth: self.me.auth,
         };
-        let _ = self.ctx.writer.submit(WriteJob::SessionStart(start)).await;
+        // Welcomed only once the session is on record: its history and presence read true.
+        let (done, recorded) = oneshot::channel();
+        if self
+            .ctx
+            .writer
+            .submit(WriteJob::SessionStart(start, done))
+            .await
+            .is_ok()
+        {
+            let _ = recorded.await;
+        }
         METRICS.connections.inc();
         self.publish_presence(EventKind::DeviceConnected, connected_at, None);
         tracing::debug!("device connected");
@@ -175,6 +184,17 @@ where
             },
             Err(_) => Ending::lost(),
         };
+        // From here on nothing is written to the device: commands handed over but not
+        // written go back to the queue (they were marked sent in advance).
+        let unsent: Vec<String> = self
+            .handle
+            .stop_commands()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        if let Err(e) = self.ctx.commands.requeue(unsent).await {
+            tracing::warn!(error = %e, "cannot requeue commands the session did not write");
+        }
         if let Some((code, text)) = ending.close {
             self.close(code, text).await;
         }
@@ -271,7 +291,7 @@ where
                     }
                 }
                 _ = handle.commands_changed() => {
-                    if self.deliver_commands(false).await.is_err() {
+                    if self.on_commands_changed().await.is_err() {
                         return Ending::lost();
                     }
                 }
@@ -437,6 +457,22 @@ where
         Ok(())
     }
 
+    /// Writes out commands already marked sent for this session, then, if asked, looks
+    /// for queued ones the window lets through.
+    async fn on_commands_changed(&mut self) -> Result<(), WsError> {
+        let (ready, recheck) = self.handle.take_commands();
+        if !ready.is_empty() {
+            for (_, text) in ready {
+                self.ws.feed(Message::text(text)).await?;
+            }
+            self.ws.flush().await?;
+        }
+        if recheck {
+            self.deliver_commands(false).await?;
+        }
+        Ok(())
+    }
+
     /// Writes out the commands due: on (re)connect first those sent before and never
     /// acked, then queued ones while the window has room.
     async fn deliver_commands(&mut self, reconnect: bool) -> Result<(), WsError> {
@@ -586,17 +622,7 @@ fn answer_reply(
 }
 
 fn command_message(row: &CommandRow) -> Message {
-    let empty = RawValue::from_string("{}".into()).expect("valid JSON");
-    let params = serde_json::from_str::<&RawValue>(&row.params).unwrap_or(&empty);
-    Message::text(
-        Outbound::Command {
-            id: &row.id,
-            name: &row.name,
-            params,
-            expires_at: format_ms(row.expires_at),
-        }
-        .to_json(),
-    )
+    Message::text(crate::commands::wire_text(row))
 }
 
 fn ack_message(id: &str, ok: bool) -> Message {

@@ -157,14 +157,21 @@ const OPEN: &str = "('queued', 'sent', 'delivered')";
 /// commit together with telemetry (group commit) instead of one fsync each.
 #[derive(Debug)]
 pub enum CommandOp {
-    /// Queue a command, unless its idempotency key was seen or the queue is full.
-    Queue { new: NewCommand, queue_max: u32 },
+    /// Queue a command, unless its idempotency key was seen or the queue is full; with
+    /// `deliver_window` (its device is online), also take what the window lets through now.
+    Queue {
+        new: NewCommand,
+        queue_max: u32,
+        deliver_window: Option<u32>,
+    },
     /// Mark the device's oldest queued commands sent, leaving at most `window` in flight.
     TakeForDelivery {
         device_pk: i64,
         window: u32,
         now: i64,
     },
+    /// Commands marked sent that their session never wrote out: `sent` -> `queued`.
+    Requeue { ids: Vec<String> },
     /// The device acked a command: `queued`/`sent` -> `delivered`.
     Delivered {
         device_pk: i64,
@@ -191,8 +198,9 @@ pub enum CommandOp {
 /// What a [`CommandOp`] did.
 #[derive(Debug)]
 pub enum CommandOutcome {
-    Queued(Queued),
-    /// Commands marked sent, oldest first.
+    /// What queueing did, and the commands it marked sent (oldest first).
+    Queued(Queued, Vec<CommandRow>),
+    /// Commands marked sent (oldest first), or back to queued.
     Taken(Vec<CommandRow>),
     Answer(Answer),
     /// The expired or timed-out command, if the deadline still applied.
@@ -204,14 +212,39 @@ impl CommandOp {
     /// Applies the change inside the caller's transaction.
     pub async fn apply(&self, conn: &mut SqliteConnection) -> Result<CommandOutcome, sqlx::Error> {
         Ok(match self {
-            CommandOp::Queue { new, queue_max } => {
-                CommandOutcome::Queued(queue(conn, new, *queue_max).await?)
+            CommandOp::Queue {
+                new,
+                queue_max,
+                deliver_window,
+            } => {
+                let queued = queue(conn, new, *queue_max).await?;
+                let taken = match (&queued, deliver_window) {
+                    (Queued::New(_), Some(window)) => {
+                        take_for_delivery(conn, new.device_pk, *window, new.created_at).await?
+                    }
+                    _ => Vec::new(),
+                };
+                CommandOutcome::Queued(queued, taken)
             }
             CommandOp::TakeForDelivery {
                 device_pk,
                 window,
                 now,
             } => CommandOutcome::Taken(take_for_delivery(conn, *device_pk, *window, *now).await?),
+            CommandOp::Requeue { ids } => {
+                let mut rows = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let row: Option<CommandRow> = sqlx::query_as(
+                        "UPDATE commands SET status = 'queued', sent_at = NULL \
+                         WHERE id = ?1 AND status = 'sent' RETURNING *",
+                    )
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    rows.extend(row);
+                }
+                CommandOutcome::Taken(rows)
+            }
             CommandOp::Delivered { device_pk, id, now } => {
                 let row = sqlx::query_as(
                     "UPDATE commands SET status = 'delivered', delivered_at = ?3 \
@@ -479,8 +512,13 @@ mod tests {
         }
         async fn queue_command(&self, new: &NewCommand, queue_max: u32) -> Result<Queued, ()> {
             let new = new.clone();
-            match self.op(CommandOp::Queue { new, queue_max }).await {
-                CommandOutcome::Queued(q) => Ok(q),
+            let op = CommandOp::Queue {
+                new,
+                queue_max,
+                deliver_window: None,
+            };
+            match self.op(op).await {
+                CommandOutcome::Queued(q, _) => Ok(q),
                 o => panic!("{o:?}"),
             }
         }

@@ -36,7 +36,8 @@ pub struct TelemetryJob {
 #[derive(Debug)]
 pub enum WriteJob {
     Telemetry(TelemetryJob),
-    SessionStart(SessionStart),
+    /// `done` learns when the start is recorded, so the device is welcomed only then.
+    SessionStart(SessionStart, oneshot::Sender<bool>),
     /// `done` learns when the end is recorded, so the session leaves the hub only then.
     SessionEnd(SessionEnd, oneshot::Sender<bool>),
     /// A command change; `done` gets its outcome once committed (`None` if the commit failed).
@@ -185,7 +186,9 @@ async fn run(
                 WriteJob::SessionEnd(_, done) => {
                     let _ = done.send(ok);
                 }
-                WriteJob::SessionStart(_) => {}
+                WriteJob::SessionStart(_, done) => {
+                    let _ = done.send(ok);
+                }
                 WriteJob::Command(_, done) => {
                     let _ = done.send(command_outcomes.next());
                 }
@@ -246,7 +249,7 @@ async fn commit(store: &Store, batch: &[WriteJob]) -> Result<Vec<CommandOutcome>
     let mut outcomes = Vec::new();
     for job in batch {
         match job {
-            WriteJob::SessionStart(s) => record_start(&mut tx, s).await?,
+            WriteJob::SessionStart(s, _) => record_start(&mut tx, s).await?,
             WriteJob::SessionEnd(e, _) => record_end(&mut tx, e).await?,
             WriteJob::Command(op, _) => outcomes.push(op.apply(&mut tx).await?),
             WriteJob::Telemetry(_) => {}
