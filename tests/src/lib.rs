@@ -10,6 +10,8 @@
 //! - [`checks`]: assertions shared by the tests (error bodies, time formats, polling).
 //! - [`commands`]: create, read and wait on commands; receive and answer them as a device.
 //! - [`sse`]: a Server-Sent Events client for the live event stream.
+//! - [`sim`]: the `device-sim` binary as a process, a relay that keeps the device address
+//!   across gateway restarts, and checks of the series a simulated fleet stored.
 
 pub mod api;
 pub mod checks;
@@ -17,6 +19,7 @@ pub mod cli;
 pub mod commands;
 pub mod device;
 pub mod gateway;
+pub mod sim;
 pub mod sse;
 
 pub use api::{Api, Resp};
