@@ -101,7 +101,7 @@ pub async fn demo(common: &Common, args: &DemoArgs) -> Result<bool> {
     let ran = {
         let stop = async {
             tokio::select! {
-                _ = signals.next() => eprintln!("demo: stopping the fleet, then the gateway"),
+                _ = signals.next() => {}
                 status = gateway.child.wait() => {
                     exited_early = Some(status.map_or_else(|e| e.to_string(), describe));
                 }
@@ -115,6 +115,7 @@ pub async fn demo(common: &Common, args: &DemoArgs) -> Result<bool> {
             log_tail(&args.gateway_log)
         );
     }
+    eprintln!("demo: the fleet has stopped; stopping the gateway");
     let stopped = gateway.stop(&mut signals).await;
     ran?;
     stopped
@@ -214,6 +215,8 @@ impl GatewayChild {
             .with_context(|| format!("creating the gateway log {}", log.display()))?;
         let mut child = Command::new(bin)
             .arg("serve")
+            // Its log goes to a file: no terminal colour codes in it.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)
@@ -334,7 +337,7 @@ impl std::fmt::Display for Guide<'_> {
         )?;
         writeln!(
             f,
-            "  devices       {first} .. {last}, {} reading(s)/s each, connected to {}",
+            "  devices       {first} .. {last}, telemetry {}/s each, connected to {}",
             self.args.rate, self.listening.device_url
         )?;
         writeln!(
