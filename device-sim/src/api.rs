@@ -1,6 +1,7 @@
 //! The operator API, as far as the simulator needs it: create devices and rotate tokens (many
 //! requests at a time), and plain JSON calls for the command benchmark.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -59,6 +60,18 @@ impl ApiError {
 #[derive(Deserialize)]
 struct TokenBody {
     token: String,
+}
+
+/// One page of `GET /v1/devices`, as far as ids go.
+#[derive(Deserialize)]
+struct DevicesPage {
+    items: Vec<DeviceItem>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeviceItem {
+    id: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -129,6 +142,25 @@ impl Api {
         let bytes = response.bytes().await?;
         let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
         Ok((status, body))
+    }
+
+    async fn devices_page(&self, cursor: Option<&str>) -> Result<DevicesPage, ApiError> {
+        let mut request = self
+            .client
+            .get(format!("{}/devices", self.base))
+            .query(&[("limit", "1000")]);
+        if let Some(cursor) = cursor {
+            request = request.query(&[("cursor", cursor)]);
+        }
+        let response = request.bearer_auth(self.key.expose()).send().await?;
+        if response.status() != StatusCode::OK {
+            return Err(status_error(response).await);
+        }
+        let status = response.status();
+        response
+            .json()
+            .await
+            .map_err(|e| ApiError::BadBody(format!("HTTP {status} without a device list ({e})")))
     }
 
     async fn create_device(&self, id: &str) -> Result<Created, ApiError> {
@@ -212,6 +244,20 @@ where
     }
 }
 
+/// The ids of every device the gateway has, following `next_cursor` to the last page.
+pub async fn existing_ids(api: &Api) -> Result<HashSet<String>, ApiError> {
+    let mut ids = HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = with_retries(|| api.devices_page(cursor.as_deref())).await?;
+        ids.extend(page.items.into_iter().map(|device| device.id));
+        match page.next_cursor {
+            Some(next) if cursor.as_ref() != Some(&next) => cursor = Some(next),
+            _ => return Ok(ids),
+        }
+    }
+}
+
 /// The outcome of provisioning a set of devices.
 #[derive(Debug, Default)]
 pub struct Provisioned {
@@ -263,7 +309,7 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
 
-    use axum::extract::{Path, State};
+    use axum::extract::{Path, Query, State};
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
     use axum::routing::post;
@@ -329,9 +375,28 @@ mod tests {
         Json(json!({"token": token})).into_response()
     }
 
+    /// Two devices per page, in id order, the cursor being the index of the next one.
+    async fn list(
+        State(registry): State<Registry>,
+        headers: HeaderMap,
+        Query(query): Query<HashMap<String, String>>,
+    ) -> Response {
+        if !authorized(&headers) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        assert_eq!(query.get("limit").map(String::as_str), Some("1000"));
+        let mut ids: Vec<String> = registry.devices.lock().unwrap().keys().cloned().collect();
+        ids.sort();
+        let from: usize = query.get("cursor").map_or(0, |c| c.parse().unwrap());
+        let to = (from + 2).min(ids.len());
+        let items: Vec<Value> = ids[from..to].iter().map(|id| json!({"id": id})).collect();
+        let next = (to < ids.len()).then(|| to.to_string());
+        Json(json!({"items": items, "next_cursor": next})).into_response()
+    }
+
     async fn serve(registry: Registry) -> String {
         let app = Router::new()
-            .route("/v1/devices", post(create))
+            .route("/v1/devices", post(create).get(list))
             .route("/v1/devices/{id}/token", post(rotate))
             .with_state(registry);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -382,6 +447,29 @@ mod tests {
         assert!(matches!(
             outcome.failures[0].1,
             ApiError::Status { status: 401, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn existing_ids_follow_the_cursor_to_the_last_page() {
+        let registry = Registry::default();
+        for n in 1..=5 {
+            let id = format!("sim-{n:05}");
+            registry.devices.lock().unwrap().insert(id, "t".into());
+        }
+        let api = Api::new(
+            &serve(registry.clone()).await,
+            Secret::from("key-1".to_string()),
+        )
+        .unwrap();
+        let ids = existing_ids(&api).await.unwrap();
+        assert_eq!(ids.len(), 5, "{ids:?}");
+        assert!(ids.contains("sim-00005"));
+
+        let wrong = Api::new(&api.base, Secret::from("wrong".to_string())).unwrap();
+        assert!(matches!(
+            existing_ids(&wrong).await,
+            Err(ApiError::Status { status: 401, .. })
         ));
     }
 

@@ -47,6 +47,9 @@ pub async fn credentials_with_prefix(
 }
 
 async fn provision_missing(common: &Common, ids: &[String], map: &mut TokenMap) -> Result<()> {
+    if let Some(key) = &common.api_key {
+        forget_unknown(common, key, ids, map).await?;
+    }
     let missing = tokens::missing(ids, map);
     let reused = ids.len() - missing.len();
     let file = common.tokens.display();
@@ -76,6 +79,36 @@ async fn provision_missing(common: &Common, ids: &[String], map: &mut TokenMap) 
             outcome.failures.len(),
             missing.len()
         );
+    }
+    Ok(())
+}
+
+/// Forgets the kept tokens of devices the gateway does not have (its database was reset, say),
+/// so that they are created again instead of being refused (401) at connect.
+async fn forget_unknown(
+    common: &Common,
+    key: &Secret,
+    ids: &[String],
+    map: &mut TokenMap,
+) -> Result<()> {
+    if !ids.iter().any(|id| map.contains_key(id)) {
+        return Ok(());
+    }
+    let api = Api::new(&common.api_url, key.clone())?;
+    let existing = api::existing_ids(&api)
+        .await
+        .context("listing the gateway's devices")?;
+    let unknown = tokens::unknown_to_gateway(ids, map, &existing);
+    if !unknown.is_empty() {
+        eprintln!(
+            "provision: {} devices with a token in {} are not in the gateway (its database was \
+             reset?); creating them again",
+            unknown.len(),
+            common.tokens.display()
+        );
+        for id in unknown {
+            map.remove(id);
+        }
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! A stand-in gateway with commands, for tests of the command benchmark: device sessions known by
-//! their token (`tok-{id}`), and the API calls the benchmark makes (`GET /v1/devices/{id}`,
-//! `POST /v1/devices/{id}/commands` with `wait_s`) routed to those sessions.
+//! their token (`tok-{id}`), and the API calls the benchmark makes (`GET /v1/devices` and
+//! `/v1/devices/{id}`, `POST /v1/devices/{id}/commands` with `wait_s`) routed to those sessions.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -41,6 +41,8 @@ pub struct Shared {
     pub per_device: Mutex<HashMap<String, u64>>,
     /// The most commands one device had outstanding at once.
     pub max_outstanding: AtomicUsize,
+    /// The devices `GET /v1/devices` lists (sessions are accepted for any `tok-{id}` anyway).
+    pub registered: Mutex<Vec<String>>,
 }
 
 /// A running mock: device endpoint and API.
@@ -68,6 +70,7 @@ impl CommandMock {
             }
         });
         let app = Router::new()
+            .route("/v1/devices", get(list))
             .route("/v1/devices/{id}", get(device))
             .route("/v1/devices/{id}/commands", post(command))
             .with_state(shared.clone());
@@ -168,6 +171,15 @@ async fn session(tcp: TcpStream, shared: Arc<Shared>) {
 fn authorized(headers: &HeaderMap) -> bool {
     let expected = format!("Bearer {API_KEY}");
     headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str())
+}
+
+async fn list(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if !authorized(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let registered = shared.registered.lock().unwrap();
+    let items: Vec<Value> = registered.iter().map(|id| json!({"id": id})).collect();
+    Json(json!({"items": items, "next_cursor": null})).into_response()
 }
 
 async fn device(

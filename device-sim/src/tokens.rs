@@ -1,6 +1,6 @@
 //! Device ids and the tokens file (`{"device-id": "token", ...}`); secrets never reach a log line.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::{ErrorKind, Write};
 use std::path::Path;
@@ -95,6 +95,19 @@ pub fn missing<'a>(ids: &'a [String], tokens: &TokenMap) -> Vec<&'a str> {
         .collect()
 }
 
+/// The ids of `ids` that have a token in `tokens` but are not among the gateway's `existing`
+/// devices (its database was reset, say): their tokens can only be refused.
+pub fn unknown_to_gateway<'a>(
+    ids: &'a [String],
+    tokens: &TokenMap,
+    existing: &HashSet<String>,
+) -> Vec<&'a str> {
+    ids.iter()
+        .filter(|id| tokens.contains_key(*id) && !existing.contains(*id))
+        .map(String::as_str)
+        .collect()
+}
+
 /// Each id with its token, or an error naming the first id without one.
 pub fn credentials(
     ids: &[String],
@@ -144,6 +157,15 @@ mod tests {
         let ids = device_ids("sim", 3).unwrap();
         let tokens = map(&[("sim-00002", "t2"), ("other", "x")]);
         assert_eq!(missing(&ids, &tokens), ["sim-00001", "sim-00003"]);
+    }
+
+    #[test]
+    fn tokens_of_devices_the_gateway_lost_are_found() {
+        let ids = device_ids("sim", 3).unwrap();
+        let tokens = map(&[("sim-00001", "a"), ("sim-00002", "b"), ("other", "x")]);
+        let existing: HashSet<String> = ["sim-00002", "sim-00003"].map(String::from).into();
+        // sim-00003 has no token (missing, not unknown); "other" is not part of the fleet.
+        assert_eq!(unknown_to_gateway(&ids, &tokens, &existing), ["sim-00001"]);
     }
 
     #[test]

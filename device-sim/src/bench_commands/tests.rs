@@ -35,6 +35,12 @@ fn common(dir: &std::path::Path, mock: &CommandMock, devices: usize, background:
 fn common_with(dir: &std::path::Path, mock: &CommandMock, map: TokenMap) -> Common {
     let path = dir.join("tokens.json");
     tokens::save(&path, &map).unwrap();
+    // The gateway has the devices the file has tokens for (provisioning checks).
+    mock.shared
+        .registered
+        .lock()
+        .unwrap()
+        .extend(map.keys().cloned());
     Common {
         url: mock.device_url.clone(),
         ca: dir.join("unused.pem"),
