@@ -27,7 +27,8 @@ const DEFAULT_DATABASE_URL: &str = "sqlite://data/gateway.db";
 /// Where the operator CLI looks for the API key when not told.
 const DEFAULT_KEY_FILE: &str = "data/api-key";
 
-/// Runs the demo until Ctrl-C or SIGTERM; `Ok(true)` when the gateway then exited cleanly.
+/// Runs the demo until Ctrl-C or SIGTERM; `Ok(true)` when the gateway then exited cleanly and
+/// the fleet had not stopped by itself (every device refused).
 pub async fn demo(common: &Common, args: &DemoArgs) -> Result<bool> {
     // Caught before the gateway exists: a Ctrl-C must never end this process while the gateway,
     // in a process group of its own so that the terminal's Ctrl-C reaches only us, runs on.
@@ -117,8 +118,8 @@ pub async fn demo(common: &Common, args: &DemoArgs) -> Result<bool> {
     }
     eprintln!("demo: the fleet has stopped; stopping the gateway");
     let stopped = gateway.stop(&mut signals).await;
-    ran?;
-    stopped
+    let fleet_ran = ran?;
+    Ok(stopped? && fleet_ran)
 }
 
 /// The gateway binary: `--gateway-bin`, else `gateway` beside this program (both are built

@@ -43,7 +43,7 @@ const EXIT_WITH_ERRORS: u8 = 2;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let clean = match &cli.command {
-        Command::Run(args) => run::run(&cli.common, args).await.map(|()| true),
+        Command::Run(args) => run::run(&cli.common, args).await,
         Command::Bench(args) => bench::bench(&cli.common, args).await,
         Command::BenchCommands(args) => bench_commands::bench_commands(&cli.common, args).await,
         Command::Idle(args) => idle::idle(&cli.common, args).await,

@@ -24,17 +24,19 @@ const LIVE_EVERY: Duration = Duration::from_secs(1);
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the fleet until Ctrl-C, SIGTERM or `--duration`; prints a summary line (or JSON).
-pub async fn run(common: &Common, args: &RunArgs) -> Result<()> {
+/// `Ok(false)` when it ended by itself because every device had stopped (refused for good).
+pub async fn run(common: &Common, args: &RunArgs) -> Result<bool> {
     run_until(common, args, shutdown::signal()).await
 }
 
 /// Runs the fleet until `stop` resolves (or `--duration` ends, or every device stopped); prints
-/// a summary line (or JSON) once the devices have closed their connections.
+/// a summary line (or JSON) once the devices have closed their connections. `Ok(false)` when
+/// every device had stopped by itself (refused for good: a wrong token, a disabled device).
 pub async fn run_until(
     common: &Common,
     args: &RunArgs,
     stop: impl Future<Output = ()>,
-) -> Result<()> {
+) -> Result<bool> {
     let period = match args.rate {
         0.0 => None,
         rate if rate.is_finite() && rate > 0.0 && rate <= 10_000.0 => {
@@ -101,6 +103,7 @@ pub async fn run_until(
     let live = std::io::stderr().is_terminal();
     let mut status = tokio::time::interval(if live { LIVE_EVERY } else { PROGRESS_EVERY });
     status.tick().await;
+    let mut every_device_stopped = false;
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -118,6 +121,7 @@ pub async fn run_until(
             joined = devices.join_next() => {
                 if joined.is_none() {
                     eprintln!("\nrun: every device has stopped");
+                    every_device_stopped = true;
                     break;
                 }
             }
@@ -147,7 +151,7 @@ pub async fn run_until(
     } else {
         println!("{}", summary.line());
     }
-    Ok(())
+    Ok(!every_device_stopped)
 }
 
 /// The counters at one moment.
@@ -246,6 +250,59 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::mock::{self, Mock, Script};
+    use clap::Parser;
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["device-sim", "run"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(args) => args,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fleet_refused_for_good_ends_by_itself_as_a_failure() {
+        let gateway = Mock::start(Script::default(), None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let common = mock::fleet(dir.path(), gateway.url("ws"), 2);
+        let wrong = crate::tokens::device_ids("sim", 2)
+            .unwrap()
+            .into_iter()
+            .map(|id| (id, "not-the-token".to_string()))
+            .collect();
+        crate::tokens::save(&common.tokens, &wrong).unwrap();
+
+        let ran = tokio::time::timeout(
+            Duration::from_secs(10),
+            run_until(
+                &common,
+                &run_args(&["--devices", "2"]),
+                std::future::pending(),
+            ),
+        )
+        .await
+        .expect("a fleet whose every device stopped ends by itself");
+        assert!(!ran.unwrap(), "and says it failed");
+    }
+
+    #[tokio::test]
+    async fn a_fleet_stopped_on_request_ran_fine() {
+        let gateway = Mock::start(Script::default(), None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let common = mock::fleet(dir.path(), gateway.url("ws"), 2);
+        let stop = tokio::time::sleep(Duration::from_millis(500));
+        let ran = run_until(
+            &common,
+            &run_args(&["--devices", "2", "--rate", "20"]),
+            stop,
+        )
+        .await;
+        assert!(ran.unwrap());
+        assert!(!gateway.seen.of_type("telemetry").is_empty());
+    }
 
     #[test]
     fn the_line_shows_the_main_figures_and_only_the_losses_there_are() {
