@@ -441,7 +441,14 @@ async fn the_demo_runs_a_gateway_and_a_fleet_and_ctrl_c_stops_both_in_order() {
     };
     let ids = fleet_ids("sim", 5);
 
-    for run in 1..=2 {
+    // 1: a fresh directory; 2: a second start (devices and tokens exist); 3: the database
+    // deleted, the tokens file kept (its tokens are no good any more).
+    for run in 1..=3 {
+        if run == 3 {
+            for file in ["gateway.db", "gateway.db-wal", "gateway.db-shm"] {
+                let _ = std::fs::remove_file(dir.path().join("data").join(file));
+            }
+        }
         let process = demo();
         let api_line = process
             .line_where(Duration::from_secs(60), |l| {
@@ -488,6 +495,13 @@ async fn the_demo_runs_a_gateway_and_a_fleet_and_ctrl_c_stops_both_in_order() {
                     .stderr()
                     .contains("all 5 devices already have tokens"),
                 "the second start reuses the tokens:\n{}",
+                process.stderr()
+            );
+        }
+        if run == 3 {
+            assert!(
+                process.stderr().contains("5 devices with a token in"),
+                "the devices the gateway lost are created again:\n{}",
                 process.stderr()
             );
         }
