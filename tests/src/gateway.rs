@@ -353,12 +353,14 @@ fn read_lossy(path: &Path) -> String {
 /// Path of the `gateway` binary, built once per test process with the same profile as the tests.
 pub fn gateway_bin() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(build_gateway)
+    BIN.get_or_init(|| build_bin("gateway"))
         .clone()
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn build_gateway() -> Result<PathBuf, String> {
+/// Builds the workspace package `name` (its binary of the same name) with the tests' profile
+/// into the tests' target directory, and returns the binary's path.
+pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     // …/target/<profile>/deps/e2e-xxxx → …/target/<profile>
     let profile_dir = exe
@@ -379,7 +381,7 @@ fn build_gateway() -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "-p", "gateway", "--bin", "gateway", "--target-dir"])
+        .args(["build", "-p", name, "--bin", name, "--target-dir"])
         .arg(target_dir);
     // `cargo test` gives this process the test crate's CARGO_PKG_*, CARGO_MANIFEST_* and the
     // like. Build scripts that watch them (ring's does) would see a change and rebuild, with
@@ -402,16 +404,16 @@ fn build_gateway() -> Result<PathBuf, String> {
     let out = cmd.output().map_err(|e| format!("run cargo build: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "cargo build -p gateway failed ({}):\n{}",
+            "cargo build -p {name} failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let bin = profile_dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if bin.exists() {
         Ok(bin)
     } else {
-        Err(format!("built gateway not found at {}", bin.display()))
+        Err(format!("built {name} not found at {}", bin.display()))
     }
 }
 

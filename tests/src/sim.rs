@@ -388,76 +388,13 @@ pub fn assert_gapless(device: &str, counters: &[u64]) {
 /// the same target directory as the gateway (see [`gateway_bin`]).
 pub fn sim_bin() -> PathBuf {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(build_sim)
-        .clone()
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn build_sim() -> Result<PathBuf, String> {
-    // The gateway's build finds the profile and target directory; device-sim goes beside it.
-    let gateway = gateway_bin();
-    let profile_dir = gateway.parent().ok_or("gateway binary has no directory")?;
-    let target_dir = profile_dir.parent().ok_or("no target directory")?;
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("debug");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root above tests/");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(workspace)
-        .args([
-            "build",
-            "-p",
-            "device-sim",
-            "--bin",
-            "device-sim",
-            "--target-dir",
-        ])
-        .arg(target_dir);
-    // As for the gateway: without the test crate's own CARGO_PKG_*/CARGO_MANIFEST_* variables,
-    // which would make build scripts that watch them rebuild everything.
-    for (name, _) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with("CARGO_PKG_")
-            || name.starts_with("CARGO_MANIFEST_")
-            || matches!(
-                name,
-                "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_RUSTC_CURRENT_DIR"
-            )
-        {
-            cmd.env_remove(name);
-        }
-    }
-    match profile {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let out = cmd.output().map_err(|e| format!("run cargo build: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "cargo build -p device-sim failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let bin = profile_dir.join(format!("device-sim{}", std::env::consts::EXE_SUFFIX));
-    if bin.exists() {
-        Ok(bin)
-    } else {
-        Err(format!("built device-sim not found at {}", bin.display()))
-    }
+    BIN.get_or_init(|| {
+        // After the gateway's build, so the two never wait on each other's cargo lock.
+        gateway_bin();
+        crate::gateway::build_bin("device-sim")
+    })
+    .clone()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn signal(target: &str, sig: &str) {
