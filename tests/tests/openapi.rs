@@ -50,22 +50,7 @@ async fn the_document_lists_every_operation_of_the_contract() {
         assert!(create[status].is_object(), "command create lacks {status}");
     }
     let command = &doc["components"]["schemas"]["Command"]["properties"];
-    for field in [
-        "id",
-        "device_id",
-        "name",
-        "params",
-        "status",
-        "created_at",
-        "sent_at",
-        "delivered_at",
-        "completed_at",
-        "expires_at",
-        "timeout_s",
-        "result",
-        "error",
-        "idempotency_key",
-    ] {
+    for field in e2e::commands::COMMAND_FIELDS {
         assert!(command[field].is_object(), "Command.{field} missing");
     }
 }

@@ -194,9 +194,7 @@ impl Commands {
 
     /// Commands a reconnecting device was sent but never acked: they go out again.
     pub async fn unacked(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
-        let mut rows = self.store.in_flight_commands(device_pk).await?;
-        rows.retain(|r| r.status == Status::Sent);
-        Ok(rows)
+        self.store.unacked_commands(device_pk).await
     }
 
     /// Marks the next queued commands sent, within the window; the session writes them out.

@@ -473,11 +473,10 @@ impl Store {
         Ok(rows.into_iter().map(|l| (l.rowid, l.row)).collect())
     }
 
-    /// A device's commands that were sent or delivered and are not final, oldest first.
-    pub async fn in_flight_commands(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
+    /// A device's commands that were sent but not acked, oldest first.
+    pub async fn unacked_commands(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
         Ok(sqlx::query_as(
-            "SELECT * FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered') \
-             ORDER BY rowid",
+            "SELECT * FROM commands WHERE device_pk = ?1 AND status = 'sent' ORDER BY rowid",
         )
         .bind(device_pk)
         .fetch_all(&self.read)
