@@ -34,8 +34,24 @@ fn opt_time(ms: Option<i64>) -> Value {
 }
 
 /// The device as the API shows it, with presence from the hub.
-fn device_json(state: &ApiState, row: &DeviceRow) -> Value {
-    device_value(row, state.hub.get(&row.id).as_deref())
+///
+/// A session leaves the hub only after its end is committed, but the row may have been
+/// read before that commit: a row that still looks connected while the hub has no
+/// session is read again, so `online: false` always comes with its disconnect fields.
+async fn device_json(state: &ApiState, row: &DeviceRow) -> Result<Value, ApiError> {
+    let live = state.hub.get(&row.id);
+    if live.is_none() && looks_connected(row) {
+        if let Some(fresh) = state.store.get_device(&row.id).await? {
+            return Ok(device_value(&fresh, None));
+        }
+    }
+    Ok(device_value(row, live.as_deref()))
+}
+
+/// Whether the row's last session has no recorded end yet.
+fn looks_connected(row: &DeviceRow) -> bool {
+    row.last_connected_at
+        .is_some_and(|c| row.last_disconnected_at.is_none_or(|d| d < c))
 }
 
 /// The device as the API shows it, given its live session if it has one.
@@ -135,7 +151,7 @@ pub async fn create(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut device = device_json(&state, &row);
+    let mut device = device_json(&state, &row).await?;
     device["token"] = Value::String(token);
     tracing::info!(device_id = %row.id, "device created");
     Ok((StatusCode::CREATED, Json(device)))
@@ -186,7 +202,10 @@ pub async fn list(
     } else {
         None
     };
-    let items: Vec<Value> = rows.iter().map(|r| device_json(&state, r)).collect();
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        items.push(device_json(&state, row).await?);
+    }
     Ok(Json(json!({"items": items, "next_cursor": next_cursor})))
 }
 
@@ -200,7 +219,7 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let row = find(&state, &id).await?;
-    Ok(Json(device_json(&state, &row)))
+    Ok(Json(device_json(&state, &row).await?))
 }
 
 /// Distinguishes an absent field from an explicit `null`.
@@ -252,7 +271,7 @@ pub async fn update(
     if !row.enabled {
         state.hub.close(&row.id, CloseOrder::DISABLED);
     }
-    Ok(Json(device_json(&state, &row)))
+    Ok(Json(device_json(&state, &row).await?))
 }
 
 /// `DELETE /v1/devices/{id}`: `204`; a live session is closed (4003).
@@ -389,7 +408,59 @@ pub(crate) fn example_session_json() -> Value {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_device_id;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::store::sessions::{SessionEnd, SessionStart};
+    use crate::store::writer::WriteJob;
+
+    /// A row read before the session's end was committed, shown after the session left
+    /// the hub: the device reads offline *with* its disconnect fields, never without.
+    #[tokio::test]
+    async fn offline_device_always_shows_its_disconnect() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, writer) = crate::api::test_state(dir.path()).await;
+        let row = state
+            .store
+            .create_device("d1", None, "{}", &[0; 32], 1_000)
+            .await
+            .unwrap();
+        let (done, recorded) = oneshot::channel();
+        let start = SessionStart {
+            session_id: "s1".into(),
+            device_pk: row.pk,
+            connected_at: 2_000,
+            remote_addr: "127.0.0.1:9".into(),
+            auth: "token",
+        };
+        writer
+            .submit(WriteJob::SessionStart(start, done))
+            .await
+            .unwrap();
+        assert!(recorded.await.unwrap());
+        let stale = state.store.get_device("d1").await.unwrap().unwrap();
+        assert!(looks_connected(&stale));
+
+        let (done, recorded) = oneshot::channel();
+        let end = SessionEnd {
+            session_id: "s1".into(),
+            device_pk: row.pk,
+            disconnected_at: 3_000,
+            reason: "disabled",
+            last_seen_at: 2_500,
+        };
+        writer
+            .submit(WriteJob::SessionEnd(end, done))
+            .await
+            .unwrap();
+        assert!(recorded.await.unwrap());
+
+        let shown = device_json(&state, &stale).await.unwrap();
+        assert_eq!(shown["online"], false);
+        assert_eq!(shown["last_disconnect_reason"], "disabled");
+        assert_eq!(shown["last_disconnected_at"], format_ms(3_000));
+        assert_eq!(shown["last_seen_at"], format_ms(2_500));
+    }
 
     #[test]
     fn device_ids() {

@@ -231,3 +231,44 @@ pub(crate) mod cursor {
         String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()
     }
 }
+
+/// An API state over a fresh database in `dir`, with the writer handle, for unit tests.
+#[cfg(test)]
+pub(crate) async fn test_state(dir: &std::path::Path) -> (ApiState, crate::store::writer::Writer) {
+    let url = format!("sqlite://{}/api.db", dir.display());
+    let store = Store::open(&url, crate::config::Synchronous::Normal)
+        .await
+        .unwrap();
+    let hub = Arc::new(Hub::default());
+    let events = Arc::new(Events::new(10, 1));
+    let shutdown = CancellationToken::new();
+    let (writer, _) = crate::store::writer::Writer::spawn(
+        store.clone(),
+        crate::store::writer::WriterConfig {
+            max_rows: 100,
+            max_delay: std::time::Duration::ZERO,
+            queue: 16,
+        },
+        events.clone(),
+    );
+    let commands = Commands::start(
+        store.clone(),
+        writer.clone(),
+        hub.clone(),
+        events.clone(),
+        8,
+        10,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let state = ApiState {
+        store,
+        hub,
+        commands,
+        events,
+        api_key: Arc::new(key::ApiKey::new("k")),
+        shutdown,
+    };
+    (state, writer)
+}

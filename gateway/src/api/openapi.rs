@@ -233,45 +233,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::api::{router_and_document, ApiState};
-
-    async fn state(dir: &std::path::Path) -> ApiState {
-        let url = format!("sqlite://{}/o.db", dir.display());
-        let store = crate::store::Store::open(&url, crate::config::Synchronous::Normal)
-            .await
-            .unwrap();
-        let hub = Arc::new(crate::hub::Hub::default());
-        let events = Arc::new(crate::events::Events::new(10, 1));
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let (writer, _) = crate::store::writer::Writer::spawn(
-            store.clone(),
-            crate::store::writer::WriterConfig {
-                max_rows: 100,
-                max_delay: std::time::Duration::ZERO,
-                queue: 16,
-            },
-            events.clone(),
-        );
-        let commands = crate::commands::Commands::start(
-            store.clone(),
-            writer,
-            hub.clone(),
-            events.clone(),
-            8,
-            10,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        ApiState {
-            store,
-            hub,
-            commands,
-            events,
-            api_key: Arc::new(crate::api::key::ApiKey::new("k")),
-            shutdown,
-        }
-    }
+    use crate::api::router_and_document;
 
     const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
@@ -280,7 +242,7 @@ mod tests {
     #[tokio::test]
     async fn every_route_is_documented_and_served() {
         let dir = tempfile::tempdir().unwrap();
-        let (router, doc) = router_and_document(state(dir.path()).await);
+        let (router, doc) = router_and_document(crate::api::test_state(dir.path()).await.0);
         let doc = serde_json::to_value(&doc).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
         let paths = doc["paths"].as_object().unwrap();
