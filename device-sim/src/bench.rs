@@ -5,19 +5,22 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BenchArgs, Common};
-use crate::conn::{self, Target, Ws};
-use crate::fleet::{self, Connector};
+use crate::conn::{self, Ws};
+use crate::fleet;
 use crate::proto::{self, Incoming};
+use crate::shards::{self, Role, Shards};
 use crate::stats::{self, ErrorTally};
+use crate::tokens::Secret;
 
 /// How long to wait for the acks of messages still in flight when the window closes.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -31,15 +34,226 @@ pub async fn bench(common: &Common, args: &BenchArgs) -> Result<bool> {
     if args.inflight == 0 || args.duration.is_zero() {
         bail!("--inflight and --duration must be positive");
     }
-    let creds = fleet::credentials(common, args.devices, common.provision).await?;
-    let connector = Connector::new(
-        Target::resolve(&common.url, &common.ca).await?,
-        common.connect_concurrency,
-    );
-    let tally = Arc::new(ErrorTally::default());
+    let role = args
+        .sharding
+        .role(args.devices, shards::connections_per_process())?;
+    let provision = common.provision && !matches!(role, Role::Child(_));
+    let creds = fleet::credentials(common, args.devices, provision).await?;
+    match role {
+        Role::Alone => alone(common, args, creds).await,
+        Role::Child(shard) => child(common, args, shard.take(creds)).await,
+        Role::Parent(count) => parent(common, args, count).await,
+    }
+}
 
-    // Everyone connects first, so connection setup does not blur the measurement.
-    let connect_started = Instant::now();
+/// The whole fleet in this process.
+async fn alone(common: &Common, args: &BenchArgs, creds: Vec<(String, Secret)>) -> Result<bool> {
+    let tally = Arc::new(ErrorTally::default());
+    let started = Instant::now();
+    let (sessions, limits) = connect_all(common, args, creds, &tally).await?;
+    let connected = sessions.len();
+    announce(common, args, connected, started, "")?;
+    limits.check(args)?;
+    let plan = Plan::starting_at(
+        Instant::now() + Duration::from_millis(100),
+        args.warmup,
+        args.duration,
+    );
+    let total = load(sessions, args, plan, &tally).await?;
+    finish(args, connected, &total, &tally, limits)
+}
+
+/// One shard: connects its devices, reports, loads them from the instant the parent names,
+/// and reports what they measured.
+async fn child(common: &Common, args: &BenchArgs, creds: Vec<(String, Secret)>) -> Result<bool> {
+    let mut orders = shards::parent_lines();
+    let tally = Arc::new(ErrorTally::default());
+    let (sessions, limits) = connect_all(common, args, creds, &tally).await?;
+    let connected = sessions.len();
+    shards::report(&ShardReport::Connected { connected, limits })?;
+    let Some(order) = orders.recv().await else {
+        // The parent is gone (or gave up): nothing to measure for.
+        return Ok(false);
+    };
+    let start: u64 = order
+        .trim()
+        .parse()
+        .with_context(|| format!("the parent sent `{order}`, not a start time"))?;
+    let plan = Plan::starting_at(instant_of_unix_ms(start), args.warmup, args.duration);
+    let total = load(sessions, args, plan, &tally).await?;
+    shards::report(&ShardReport::measured(&total, tally.snapshot()))?;
+    Ok(true)
+}
+
+/// Starts `count` shards, opens their measurement window at the same instant, adds up.
+async fn parent(common: &Common, args: &BenchArgs, count: usize) -> Result<bool> {
+    let tally = Arc::new(ErrorTally::default());
+    let started = Instant::now();
+    eprintln!(
+        "bench: {} devices over {count} processes (--processes)",
+        args.devices
+    );
+    // Ctrl-C reaches the children too; they stop on their own.
+    let mut children = Shards::spawn(count, CancellationToken::new())?;
+    let (mut connected, mut limits) = (0, Limits::default());
+    for report in children.next_reports().await? {
+        match report {
+            ShardReport::Connected {
+                connected: n,
+                limits: l,
+            } => {
+                connected += n;
+                limits = limits.merge(l);
+            }
+            other => bail!("a shard reported {other:?} before connecting"),
+        }
+    }
+    announce(
+        common,
+        args,
+        connected,
+        started,
+        &format!(" ({count} processes)"),
+    )?;
+    limits.check(args)?;
+    // One clock for all: the processes share the machine's.
+    let start = unix_ms() + 200;
+    children.tell(&start.to_string()).await?;
+    let mut total = DeviceReport::new(latency_histogram()?);
+    for report in children.next_reports().await? {
+        match report {
+            ShardReport::Measured {
+                sent,
+                acked_in_window,
+                unacked,
+                latency_us,
+                errors,
+            } => {
+                let mut part = DeviceReport::new(latency_histogram()?);
+                part.sent = sent;
+                part.acked_in_window = acked_in_window;
+                part.unacked = unacked;
+                for (value, count) in latency_us {
+                    part.latency_us.saturating_record_n(value, count);
+                }
+                total.merge(&part)?;
+                tally.add(&errors);
+            }
+            other => bail!("a shard reported {other:?} instead of its measurement"),
+        }
+    }
+    let children_clean = children.wait().await?;
+    Ok(finish(args, connected, &total, &tally, limits)? && children_clean)
+}
+
+/// Prints how many devices connected; an error when none did.
+fn announce(
+    common: &Common,
+    args: &BenchArgs,
+    connected: usize,
+    since: Instant,
+    how: &str,
+) -> Result<()> {
+    if connected == 0 {
+        bail!("no device could connect to {}", common.url);
+    }
+    eprintln!(
+        "bench: {connected}/{} devices connected to {} in {:.2}s{how}",
+        args.devices,
+        common.url,
+        since.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints the results; true when there was no error.
+fn finish(
+    args: &BenchArgs,
+    connected: usize,
+    total: &DeviceReport,
+    tally: &ErrorTally,
+    limits: Limits,
+) -> Result<bool> {
+    let results = Results::new(args, connected, total, tally, limits.rate);
+    if args.json {
+        eprint!("{}", results.table());
+        println!("{}", results.json());
+    } else {
+        print!("{}", results.table());
+    }
+    Ok(results.errors == 0)
+}
+
+/// What a shard tells its parent, one JSON line each.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "report", rename_all = "snake_case")]
+enum ShardReport {
+    /// Its devices are connected (those that could).
+    Connected { connected: usize, limits: Limits },
+    /// What its devices measured; latencies as (microseconds, count) pairs.
+    Measured {
+        sent: u64,
+        acked_in_window: u64,
+        unacked: u64,
+        latency_us: Vec<(u64, u64)>,
+        errors: BTreeMap<String, u64>,
+    },
+}
+
+impl ShardReport {
+    fn measured(total: &DeviceReport, errors: BTreeMap<String, u64>) -> ShardReport {
+        ShardReport::Measured {
+            sent: total.sent,
+            acked_in_window: total.acked_in_window,
+            unacked: total.unacked,
+            latency_us: total
+                .latency_us
+                .iter_recorded()
+                .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                .collect(),
+            errors,
+        }
+    }
+}
+
+/// The gateway's limits from the welcomes, the smallest when devices were told different ones.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Limits {
+    /// Telemetry messages per second per device.
+    rate: Option<f64>,
+    /// Largest message, in bytes.
+    size: Option<u64>,
+}
+
+impl Limits {
+    fn merge(self, other: Limits) -> Limits {
+        Limits {
+            rate: min_option(self.rate, other.rate),
+            size: min_option(self.size, other.size),
+        }
+    }
+
+    /// Refuses a message size the gateway would refuse.
+    fn check(&self, args: &BenchArgs) -> Result<()> {
+        if let Some(max) = self.size.filter(|max| args.payload_bytes as u64 > *max) {
+            bail!(
+                "--payload-bytes {} exceeds the gateway's max_message_bytes {max}",
+                args.payload_bytes
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Connects every device first, so connection setup does not blur the measurement.
+async fn connect_all(
+    common: &Common,
+    args: &BenchArgs,
+    creds: Vec<(String, Secret)>,
+    tally: &Arc<ErrorTally>,
+) -> Result<(Vec<(String, Ws)>, Limits)> {
+    // Source addresses are spread for the whole fleet, whichever part of it this process runs.
+    let connector = fleet::connector(common, args.devices).await?;
     let mut connecting = JoinSet::new();
     for (id, token) in creds {
         let (connector, tally) = (connector.clone(), tally.clone());
@@ -49,44 +263,32 @@ pub async fn bench(common: &Common, args: &BenchArgs) -> Result<bool> {
         });
     }
     let mut sessions = Vec::new();
-    let mut rate_limit: Option<f64> = None;
-    let mut size_limit: Option<u64> = None;
+    let mut limits = Limits::default();
     while let Some(joined) = connecting.join_next().await {
         match joined {
             Ok(Some((id, ws, welcome))) => {
-                let limits = welcome.limits;
-                rate_limit = min_option(rate_limit, limits.telemetry_per_sec);
-                size_limit = min_option(size_limit, limits.max_message_bytes);
+                limits = limits.merge(Limits {
+                    rate: welcome.limits.telemetry_per_sec,
+                    size: welcome.limits.max_message_bytes,
+                });
                 sessions.push((id, ws));
             }
             Ok(None) => {}
             Err(e) => tally.record("internal: connect task failed", e),
         }
     }
-    if sessions.is_empty() {
-        bail!("no device could connect to {}", connector.url());
-    }
-    eprintln!(
-        "bench: {}/{} devices connected to {} in {:.2}s",
-        sessions.len(),
-        args.devices,
-        connector.url(),
-        connect_started.elapsed().as_secs_f64()
-    );
-    if let Some(max) = size_limit.filter(|max| args.payload_bytes as u64 > *max) {
-        bail!(
-            "--payload-bytes {} exceeds the gateway's max_message_bytes {max}",
-            args.payload_bytes
-        );
-    }
+    Ok((sessions, limits))
+}
 
-    let histogram = Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3)?;
-    let plan = Plan::starting_soon(args.warmup, args.duration);
-    let boot = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
-    let connected = sessions.len();
+/// Drives every connected device through `plan` and adds up what they measured.
+async fn load(
+    sessions: Vec<(String, Ws)>,
+    args: &BenchArgs,
+    plan: Plan,
+    tally: &Arc<ErrorTally>,
+) -> Result<DeviceReport> {
+    let histogram = latency_histogram()?;
+    let boot = unix_ms();
     let mut load = JoinSet::new();
     for (id, ws) in sessions {
         let device = LoadedDevice {
@@ -100,7 +302,6 @@ pub async fn bench(common: &Common, args: &BenchArgs) -> Result<bool> {
         };
         load.spawn(device.drive(ws));
     }
-
     let mut total = DeviceReport::new(histogram);
     while let Some(joined) = load.join_next().await {
         match joined {
@@ -108,15 +309,29 @@ pub async fn bench(common: &Common, args: &BenchArgs) -> Result<bool> {
             Err(e) => tally.record("internal: device task failed", e),
         }
     }
+    Ok(total)
+}
 
-    let results = Results::new(args, connected, &total, &tally, rate_limit);
-    if args.json {
-        eprint!("{}", results.table());
-        println!("{}", results.json());
+fn latency_histogram() -> Result<Histogram<u64>> {
+    Ok(Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3)?)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// The monotonic instant of a wall-clock time (now, if it is long past).
+fn instant_of_unix_ms(at: u64) -> Instant {
+    let (now, now_ms) = (Instant::now(), unix_ms());
+    if at >= now_ms {
+        now + Duration::from_millis(at - now_ms)
     } else {
-        print!("{}", results.table());
+        now.checked_sub(Duration::from_millis(now_ms - at))
+            .unwrap_or(now)
     }
-    Ok(results.errors == 0)
 }
 
 fn min_option<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
@@ -136,9 +351,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn starting_soon(warmup: Duration, duration: Duration) -> Plan {
-        // A short delay lets every device task be spawned before the common start.
-        let start = Instant::now() + Duration::from_millis(100);
+    /// Load from `start`, measured after `warmup` for `duration`.
+    fn starting_at(start: Instant, warmup: Duration, duration: Duration) -> Plan {
         let measure_from = start + warmup;
         let measure_until = measure_from + duration;
         Plan {
@@ -494,6 +708,8 @@ mod tests {
     use serde_json::Value;
     use std::path::Path;
 
+    use crate::conn::Target;
+
     async fn drive_against(script: Script) -> (DeviceReport, Arc<ErrorTally>, Mock) {
         let mock = Mock::start(script, None).await;
         let target = Target::resolve(&mock.url("ws"), Path::new("unused.pem"))
@@ -509,7 +725,11 @@ mod tests {
             boot: 7,
             inflight: 4,
             payload_bytes: 200,
-            plan: Plan::starting_soon(Duration::from_millis(100), Duration::from_millis(400)),
+            plan: Plan::starting_at(
+                Instant::now() + Duration::from_millis(100),
+                Duration::from_millis(100),
+                Duration::from_millis(400),
+            ),
             tally: tally.clone(),
             report: DeviceReport::new(histogram),
         };
@@ -567,6 +787,10 @@ mod tests {
             warmup: Duration::from_millis(100),
             payload_bytes: 200,
             json: true,
+            sharding: crate::shards::Sharding {
+                processes: None,
+                shard: None,
+            },
         };
         assert!(bench(&common, &args).await.unwrap());
         assert_eq!(
@@ -595,7 +819,11 @@ mod tests {
 
     #[test]
     fn the_window_is_half_open_after_the_warmup() {
-        let plan = Plan::starting_soon(Duration::from_secs(2), Duration::from_secs(20));
+        let plan = Plan::starting_at(
+            Instant::now(),
+            Duration::from_secs(2),
+            Duration::from_secs(20),
+        );
         assert!(!plan.in_window(plan.start));
         assert!(plan.in_window(plan.measure_from));
         assert!(plan.in_window(plan.measure_until - Duration::from_millis(1)));

@@ -20,7 +20,6 @@ use crate::api::Api;
 use crate::background::{Background, Pace};
 use crate::bench_report::{Background as BackgroundReport, Report};
 use crate::cli::{BenchCommandsArgs, Common};
-use crate::conn::Target;
 use crate::device::{Counters, Device, Profile};
 use crate::fleet::{self, Connector};
 use crate::stats::{self, ErrorTally};
@@ -137,10 +136,7 @@ pub async fn measure(common: &Common, args: &BenchCommandsArgs) -> Result<Report
         }
         None => Vec::new(),
     };
-    let connector = Connector::new(
-        Target::resolve(&common.url, &common.ca).await?,
-        common.connect_concurrency,
-    );
+    let connector = fleet::connector(common, args.devices).await?;
 
     let device_errors = Arc::new(ErrorTally::default());
     let counters = Arc::new(Counters::default());

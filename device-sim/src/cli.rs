@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::conn::SourceIps;
+use crate::shards::Sharding;
 use crate::tokens::Secret;
 
 /// Simulated IoT devices for the gateway: a demo fleet, a load generator and a connection holder.
@@ -62,6 +64,12 @@ pub struct Common {
     /// Connection attempts (TLS + WebSocket handshakes) in progress at once.
     #[arg(long, default_value_t = 200, global = true)]
     pub connect_concurrency: usize,
+
+    /// Local addresses to connect from, in turn: `auto` (the system's choice, or 127.0.0.1,
+    /// 127.0.0.2, ... when a fleet is too big for one loopback address's ports, 16,000
+    /// connections each), a list `a,b,c`, or an IPv4 range `127.0.0.1-127.0.0.8`.
+    #[arg(long, default_value = "auto", global = true, value_name = "IPS")]
+    pub source_ips: SourceIps,
 }
 
 /// The subcommands.
@@ -137,6 +145,8 @@ pub struct BenchArgs {
     /// Print the results as one JSON object on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub sharding: Sharding,
 }
 
 /// Options of `bench-commands`.
@@ -191,6 +201,8 @@ pub struct IdleArgs {
     /// Do not stop when stdin closes (for running with stdin at /dev/null).
     #[arg(long)]
     pub ignore_stdin: bool,
+    #[command(flatten)]
+    pub sharding: Sharding,
 }
 
 /// Options of `demo`.

@@ -2,9 +2,11 @@
 //! the device's token, then the gateway's `welcome`.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -36,11 +38,79 @@ pub type Ws = WebSocketStream<Transport>;
 /// Close codes after which a device must not reconnect on its own.
 pub const FINAL_CLOSE_CODES: [u16; 2] = [4001, 4003];
 
+/// Connections one source address is given before `auto` adds another: well under the
+/// 28,232 ephemeral ports Linux has by default for one source and destination.
+pub const CONNECTIONS_PER_SOURCE: usize = 16_000;
+
 /// Where devices connect, resolved once for the whole fleet.
 pub struct Target {
     uri: Uri,
     addr: SocketAddr,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Local addresses the connections are spread over, in turn (none: the system picks).
+    sources: Vec<IpAddr>,
+    next_source: AtomicUsize,
+}
+
+/// `--source-ips`: which local addresses connections come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceIps {
+    /// The system's choice, except that a fleet too big for one loopback source address's
+    /// ports is spread over 127.0.0.1, 127.0.0.2, ... ([`CONNECTIONS_PER_SOURCE`] each).
+    Auto,
+    /// These addresses, in turn.
+    List(Vec<IpAddr>),
+}
+
+impl FromStr for SourceIps {
+    type Err = String;
+
+    /// `auto`, `127.0.0.1,127.0.0.2`, or an IPv4 range `127.0.0.1-127.0.0.8`.
+    fn from_str(text: &str) -> Result<SourceIps, String> {
+        if text == "auto" {
+            return Ok(SourceIps::Auto);
+        }
+        if let Some((first, last)) = text.split_once('-') {
+            let parse = |ip: &str| {
+                Ipv4Addr::from_str(ip.trim())
+                    .map(u32::from)
+                    .map_err(|_| format!("`{ip}` is not an IPv4 address"))
+            };
+            let (first, last) = (parse(first)?, parse(last)?);
+            if last < first || last - first >= 65_536 {
+                return Err(format!(
+                    "`{text}` is not a range of at most 65536 addresses"
+                ));
+            }
+            return Ok(SourceIps::List(
+                (first..=last).map(|n| Ipv4Addr::from(n).into()).collect(),
+            ));
+        }
+        text.split(',')
+            .map(|ip| {
+                IpAddr::from_str(ip.trim()).map_err(|_| format!("`{ip}` is not an IP address"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(SourceIps::List)
+    }
+}
+
+impl SourceIps {
+    /// The addresses `connections` connections to `to` come from.
+    pub fn for_fleet(&self, to: SocketAddr, connections: usize) -> Vec<IpAddr> {
+        match self {
+            SourceIps::List(list) => list.clone(),
+            SourceIps::Auto => match to.ip() {
+                IpAddr::V4(ip) if ip.is_loopback() && connections > CONNECTIONS_PER_SOURCE => {
+                    let count = connections.div_ceil(CONNECTIONS_PER_SOURCE).min(254) as u32;
+                    (1..=count)
+                        .map(|n| Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + n).into())
+                        .collect()
+                }
+                _ => Vec::new(),
+            },
+        }
+    }
 }
 
 impl Target {
@@ -71,7 +141,42 @@ impl Target {
             }
             false => None,
         };
-        Ok(Target { uri, addr, tls })
+        Ok(Target {
+            uri,
+            addr,
+            tls,
+            sources: Vec::new(),
+            next_source: AtomicUsize::new(0),
+        })
+    }
+
+    /// Spreads connections over these local addresses, in turn.
+    pub fn with_sources(mut self, sources: Vec<IpAddr>) -> Target {
+        self.sources = sources;
+        self
+    }
+
+    /// The gateway's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A TCP connection, from the next source address if there are any.
+    async fn tcp(&self) -> io::Result<TcpStream> {
+        if self.sources.is_empty() {
+            return TcpStream::connect(self.addr).await;
+        }
+        let source = self.sources[self.next_source.fetch_add(1, Relaxed) % self.sources.len()];
+        let socket = match source {
+            IpAddr::V4(_) => TcpSocket::new_v4()?,
+            IpAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // A port of an earlier run's connection in TIME_WAIT may be taken again.
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+            io::Error::new(e.kind(), format!("binding source address {source}: {e}"))
+        })?;
+        socket.connect(self.addr).await
     }
 
     /// The device URL, for messages.
@@ -180,7 +285,7 @@ pub async fn connect(
 }
 
 async fn connect_unbounded(target: &Target, token: &Secret) -> Result<(Ws, Welcome), ConnectError> {
-    let tcp = TcpStream::connect(target.addr).await?;
+    let tcp = target.tcp().await?;
     // Small messages, latency measured: do not let Nagle hold them back.
     tcp.set_nodelay(true)?;
     let stream = match &target.tls {
@@ -387,6 +492,54 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn source_ips_are_auto_a_list_or_a_range() {
+        let v4 = |text: &str| IpAddr::from_str(text).unwrap();
+        assert_eq!("auto".parse(), Ok(SourceIps::Auto));
+        assert_eq!(
+            "127.0.0.1, ::1".parse(),
+            Ok(SourceIps::List(vec![v4("127.0.0.1"), v4("::1")]))
+        );
+        assert_eq!(
+            "127.0.0.254-127.0.1.1".parse(),
+            Ok(SourceIps::List(
+                ["127.0.0.254", "127.0.0.255", "127.0.1.0", "127.0.1.1"]
+                    .map(v4)
+                    .to_vec()
+            ))
+        );
+        for bad in ["", "127.0.0.9-127.0.0.1", "localhost", "127.0.0.1-::1"] {
+            assert!(bad.parse::<SourceIps>().is_err(), "{bad}");
+        }
+
+        let loopback: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.5:8443".parse().unwrap();
+        assert!(SourceIps::Auto.for_fleet(loopback, 16_000).is_empty());
+        assert_eq!(
+            SourceIps::Auto.for_fleet(loopback, 40_000),
+            ["127.0.0.1", "127.0.0.2", "127.0.0.3"].map(v4).to_vec()
+        );
+        assert!(SourceIps::Auto.for_fleet(remote, 40_000).is_empty());
+    }
+
+    #[tokio::test]
+    async fn connections_take_the_source_addresses_in_turn() {
+        let mock = Mock::start(Script::default(), None).await;
+        let sources: Vec<IpAddr> = ["127.0.0.2", "127.0.0.3"]
+            .map(|ip| ip.parse().unwrap())
+            .to_vec();
+        let target = Target::resolve(&mock.url("ws"), Path::new("unused.pem"))
+            .await
+            .unwrap()
+            .with_sources(sources.clone());
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let tcp = target.tcp().await.unwrap();
+            seen.push(tcp.local_addr().unwrap().ip());
+        }
+        assert_eq!(seen, [&sources[..], &sources[..]].concat());
     }
 
     #[test]

@@ -64,6 +64,7 @@ pub async fn demo(common: &Common, args: &DemoArgs) -> Result<bool> {
         provision: false,
         prefix: common.prefix.clone(),
         connect_concurrency: common.connect_concurrency,
+        source_ips: common.source_ips.clone(),
     };
     let provisioned = tokio::select! {
         result = fleet::credentials(&fleet, args.devices, true) => Some(result),

@@ -113,6 +113,24 @@ async fn forget_unknown(
     Ok(())
 }
 
+/// The connector for a fleet of `devices` at `--url`, from `--source-ips`.
+pub async fn connector(common: &Common, devices: usize) -> Result<Arc<Connector>> {
+    let target = Target::resolve(&common.url, &common.ca).await?;
+    let sources = common.source_ips.for_fleet(target.addr(), devices);
+    if sources.len() > 1 {
+        eprintln!(
+            "device-sim: connecting from {} source addresses ({} to {})",
+            sources.len(),
+            sources[0],
+            sources[sources.len() - 1]
+        );
+    }
+    Ok(Connector::new(
+        target.with_sources(sources),
+        common.connect_concurrency,
+    ))
+}
+
 /// Connects devices to one target, a bounded number of handshakes at a time.
 pub struct Connector {
     target: Target,

@@ -20,6 +20,7 @@ mod outbox;
 mod proto;
 mod run;
 mod sensor;
+mod shards;
 mod shutdown;
 mod stats;
 mod tls;

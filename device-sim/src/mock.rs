@@ -291,5 +291,6 @@ pub fn fleet(dir: &Path, url: String, devices: usize) -> crate::cli::Common {
         provision: false,
         prefix: "sim".into(),
         connect_concurrency: 8,
+        source_ips: crate::conn::SourceIps::Auto,
     }
 }

@@ -13,9 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::chaos::{Chaos, Clock};
 use crate::cli::{Common, RunArgs};
-use crate::conn::Target;
 use crate::device::{Counters, Device, Profile};
-use crate::fleet::{self, Connector};
+use crate::fleet;
 use crate::shutdown;
 use crate::stats::{self, ErrorTally};
 
@@ -58,10 +57,7 @@ pub async fn run_until(
         },
     };
     let creds = fleet::credentials(common, args.devices, common.provision).await?;
-    let connector = Connector::new(
-        Target::resolve(&common.url, &common.ca).await?,
-        common.connect_concurrency,
-    );
+    let connector = fleet::connector(common, args.devices).await?;
     let counters = Arc::new(Counters::default());
     let tally = Arc::new(ErrorTally::default());
     let cancel = CancellationToken::new();

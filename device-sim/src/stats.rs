@@ -62,6 +62,14 @@ impl ErrorTally {
         }
     }
 
+    /// Adds counts gathered elsewhere (another process), printing nothing.
+    pub fn add(&self, counts: &BTreeMap<String, u64>) {
+        let mut mine = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for (kind, count) in counts {
+            *mine.entry(kind.clone()).or_insert(0) += count;
+        }
+    }
+
     /// The counts so far.
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
         self.counts

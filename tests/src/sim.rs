@@ -33,6 +33,7 @@ pub struct Sim {
     env: Vec<(String, String)>,
     dir: PathBuf,
     own_group: bool,
+    open_files: Option<u64>,
 }
 
 impl Sim {
@@ -43,6 +44,7 @@ impl Sim {
             env: Vec::new(),
             dir: dir.to_path_buf(),
             own_group: false,
+            open_files: None,
         }
     }
 
@@ -77,11 +79,28 @@ impl Sim {
         self
     }
 
+    /// Run it with this open-files limit (soft and hard, so it cannot raise it), through
+    /// util-linux's `prlimit`, which then becomes the simulator (same process id).
+    pub fn open_files_limit(mut self, files: u64) -> Self {
+        self.open_files = Some(files);
+        self
+    }
+
     /// Start it: stdout read line by line in the background, stderr to a file.
     pub fn spawn(self) -> SimProcess {
         let stderr_path = next_log_path(&self.dir);
         let stderr = std::fs::File::create(&stderr_path).expect("create the simulator's log");
-        let mut cmd = Command::new(sim_bin());
+        let mut cmd = match self.open_files {
+            None => Command::new(sim_bin()),
+            Some(files) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit
+                    .arg(format!("--nofile={files}:{files}"))
+                    .arg("--")
+                    .arg(sim_bin());
+                prlimit
+            }
+        };
         cmd.current_dir(&self.dir)
             .args(&self.args)
             .stdin(Stdio::null())

@@ -1,7 +1,8 @@
 //! The device simulator (`device-sim`) run as a process against a real gateway: its fleet comes
 //! online and its telemetry is stored, its devices answer commands sent through the API, readings
 //! taken while the gateway is down arrive after it is back without gap or duplicate, a fleet
-//! that lost its gateway comes back spread out, its `--json` summary, and the README's demo.
+//! that lost its gateway comes back spread out, its `--json` summary, the README's demo, and
+//! `idle` and `bench` spread over processes when one may not open enough files.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -523,6 +524,171 @@ async fn the_demo_runs_a_gateway_and_a_fleet_and_ctrl_c_stops_both_in_order() {
             "the gateway (pid {gateway_pid}) outlived the demo"
         );
     }
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after its last `)`.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.push(child);
+        }
+    }
+    children
+}
+
+/// How many files a process has open.
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn idle_holds_more_connections_than_one_process_may_open_files_for() {
+    const DEVICES: usize = 1000;
+    const FILES: u64 = 320;
+    let gw = Gateway::start(Options::new()).await;
+    let api = gw.api();
+    let sim = Sim::against(&gw)
+        .open_files_limit(FILES)
+        .args(["--provision", "--source-ips", "127.0.0.1-127.0.0.4"])
+        .args(["idle", "--devices", &DEVICES.to_string()])
+        .args(["--hold", "10m", "--ignore-stdin"])
+        .spawn();
+    let line = sim
+        .line_where(ONLINE_WAIT * 4, |l| l.starts_with("connected "))
+        .await;
+    // 320 files, 64 kept for the process itself: 256 connections each, so 4 processes.
+    assert!(
+        line.starts_with(&format!("connected {DEVICES} in "))
+            && line.ends_with(" over 4 processes"),
+        "{line}\n{}",
+        sim.stderr()
+    );
+
+    // Every device is online at once, although no process may open more than 320 files.
+    let ids = fleet_ids("sim", DEVICES);
+    wait_all_online(&api, &ids, ONLINE_WAIT).await;
+    let shards = children_of(sim.pid);
+    assert_eq!(shards.len(), 4, "shard processes of {}", sim.pid);
+    let files: Vec<usize> = shards.iter().map(|&pid| open_files(pid)).collect();
+    assert!(
+        files.iter().all(|&n| n <= FILES as usize) && files.iter().sum::<usize>() >= DEVICES,
+        "open files per shard: {files:?}"
+    );
+
+    // The connections come from the four source addresses, about a quarter each.
+    let mut per_source = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        let sessions = api
+            .get(&format!("/devices/{id}/sessions"))
+            .await
+            .expect(200);
+        let addr = sessions["items"][0]["remote_addr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{id}: no session in {sessions}"));
+        let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);
+        *per_source.entry(ip.to_string()).or_default() += 1;
+    }
+    let sources: Vec<&str> = per_source.keys().map(String::as_str).collect();
+    assert_eq!(
+        sources,
+        ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"],
+        "{per_source:?}"
+    );
+    assert!(
+        per_source.values().all(|&n| n >= DEVICES / 5),
+        "{per_source:?}"
+    );
+
+    // SIGTERM to the parent: it stops its shards, which close their connections normally.
+    let out = sim.terminate().await;
+    out.success();
+    assert!(
+        out.stdout.iter().any(
+            |l| l.starts_with(&format!("held {DEVICES} connections for "))
+                && l.ends_with("; 0 dropped")
+        ),
+        "{:?}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    eventually("no device online", ONLINE_WAIT, || async {
+        online_ids(&api).await.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(
+        api.device("sim-00999").await["last_disconnect_reason"],
+        "client_closed"
+    );
+}
+
+#[tokio::test]
+async fn bench_spreads_a_fleet_over_processes_and_adds_up_their_measurements() {
+    const DEVICES: usize = 300;
+    let gw = Gateway::start(Options::new()).await;
+    let api = gw.api();
+    let out = Sim::against(&gw)
+        .open_files_limit(200)
+        .args(["--provision", "bench", "--devices", &DEVICES.to_string()])
+        .args([
+            "--inflight",
+            "2",
+            "--warmup",
+            "1s",
+            "--duration",
+            "3s",
+            "--json",
+        ])
+        .spawn()
+        .wait()
+        .await;
+    let results = out.summary();
+    // 200 files less 64: 136 connections each, so 3 processes.
+    assert!(
+        out.stderr
+            .contains(&format!("{DEVICES}/{DEVICES} devices connected"))
+            && out.stderr.contains("(3 processes)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(count(&results, "connected"), DEVICES as u64, "{results}");
+    assert_eq!(count(&results, "errors"), 0, "{results}");
+    assert_eq!(count(&results, "unacked"), 0, "{results}");
+    let (acked, sent) = (count(&results, "acked"), count(&results, "sent"));
+    assert!(acked > 0 && acked <= sent, "{results}");
+    assert_eq!(
+        results["msgs_per_sec"].as_f64(),
+        Some((acked as f64 / 3.0 * 1000.0).round() / 1000.0),
+        "{results}"
+    );
+    let (p50, p99) = (results["p50_ms"].as_f64(), results["p99_ms"].as_f64());
+    assert!(
+        matches!((p50, p99), (Some(p50), Some(p99)) if 0.0 < p50 && p50 <= p99),
+        "{results}"
+    );
+
+    // Each shard's devices sent (the fleet's ids are dealt round-robin over the shards), and
+    // what the run counts as sent is what the gateway stored.
+    let mut stored_messages = 0;
+    for id in fleet_ids("sim", DEVICES) {
+        let items = stored(&api, &id).await.len() as u64;
+        assert!(items > 0, "{id} stored nothing");
+        stored_messages += items;
+    }
+    assert_eq!(stored_messages, sent, "{results}");
 }
 
 /// The gateway's pid from the demo's `demo: started ... (pid N)` line.

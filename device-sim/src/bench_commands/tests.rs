@@ -50,6 +50,7 @@ fn common_with(dir: &std::path::Path, mock: &CommandMock, map: TokenMap) -> Comm
         provision: false,
         prefix: "sim".into(),
         connect_concurrency: 8,
+        source_ips: crate::conn::SourceIps::Auto,
     }
 }
 
