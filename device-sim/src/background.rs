@@ -91,7 +91,7 @@ impl Background {
             tasks.spawn(async move {
                 let connected = tokio::select! {
                     _ = streamer.cancel.cancelled() => return,
-                    connected = connector.with_retries(&token, ATTEMPTS, &streamer.tally) => connected,
+                    connected = connector.with_retries(&streamer.id, &token, ATTEMPTS, &streamer.tally) => connected,
                 };
                 if let Ok((ws, _welcome)) = connected {
                     streamer.load.connected.fetch_add(1, Relaxed);

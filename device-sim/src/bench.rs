@@ -258,7 +258,7 @@ async fn connect_all(
     for (id, token) in creds {
         let (connector, tally) = (connector.clone(), tally.clone());
         connecting.spawn(async move {
-            let connected = connector.with_retries(&token, 1, &tally).await;
+            let connected = connector.with_retries(&id, &token, 1, &tally).await;
             connected.ok().map(|(ws, welcome)| (id, ws, welcome))
         });
     }
@@ -715,7 +715,7 @@ mod tests {
         let target = Target::resolve(&mock.url("ws"), Path::new("unused.pem"))
             .await
             .unwrap();
-        let (ws, _) = conn::connect(&target, &mock::token(), Duration::from_secs(5))
+        let (ws, _) = conn::connect(&target, "sim-00001", &mock::token(), Duration::from_secs(5))
             .await
             .unwrap();
         let tally = Arc::new(ErrorTally::default());

@@ -49,6 +49,11 @@ pub struct Common {
     #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<Secret>,
 
+    /// Authenticate each device with a client certificate instead of its token (mutual TLS):
+    /// `DIR/{id}.pem` and `DIR/{id}-key.pem`, as `gateway certs device` writes them.
+    #[arg(long, value_name = "DIR", global = true)]
+    pub client_certs: Option<PathBuf>,
+
     /// JSON file mapping device ids to their tokens.
     #[arg(long, default_value = "data/sim-tokens.json", global = true)]
     pub tokens: PathBuf,

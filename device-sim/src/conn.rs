@@ -3,10 +3,11 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -46,10 +47,32 @@ pub const CONNECTIONS_PER_SOURCE: usize = 16_000;
 pub struct Target {
     uri: Uri,
     addr: SocketAddr,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<Tls>,
     /// Local addresses the connections are spread over, in turn (none: the system picks).
     sources: Vec<IpAddr>,
     next_source: AtomicUsize,
+}
+
+/// TLS to the gateway: whom to trust, the name to check, and, for mutual TLS, where each
+/// device's client certificate is.
+struct Tls {
+    roots: Arc<rustls::RootCertStore>,
+    /// The connector of devices without a client certificate.
+    plain: TlsConnector,
+    name: ServerName<'static>,
+    client_certs: Option<PathBuf>,
+}
+
+impl Tls {
+    /// The connector for device `id`: with its client certificate under mutual TLS.
+    fn connector(&self, id: &str) -> Result<TlsConnector, ConnectError> {
+        match &self.client_certs {
+            None => Ok(self.plain.clone()),
+            Some(dir) => tls::Identity::load(dir, id)
+                .and_then(|identity| tls::connector_for(self.roots.clone(), Some(identity)))
+                .map_err(|e| ConnectError::ClientCert(format!("{e:#}"))),
+        }
+    }
 }
 
 /// `--source-ips`: which local addresses connections come from.
@@ -137,7 +160,13 @@ impl Target {
                 // rustls checks IP addresses against the certificate's IP SANs, names against DNS SANs.
                 let name = ServerName::try_from(host.to_owned())
                     .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
-                Some((tls::connector(ca)?, name))
+                let roots = Arc::new(tls::roots(ca)?);
+                Some(Tls {
+                    plain: tls::connector_for(roots.clone(), None)?,
+                    roots,
+                    name,
+                    client_certs: None,
+                })
             }
             false => None,
         };
@@ -148,6 +177,22 @@ impl Target {
             sources: Vec::new(),
             next_source: AtomicUsize::new(0),
         })
+    }
+
+    /// Devices authenticate with the client certificates in `dir` (`{id}.pem`,
+    /// `{id}-key.pem`) instead of their tokens.
+    pub fn with_client_certs(mut self, dir: Option<PathBuf>) -> Result<Target> {
+        match (&mut self.tls, dir) {
+            (_, None) => {}
+            (Some(tls), Some(dir)) => tls.client_certs = Some(dir),
+            (None, Some(_)) => bail!("--client-certs needs a wss:// URL (mutual TLS)"),
+        }
+        Ok(self)
+    }
+
+    /// True when devices authenticate by client certificate.
+    fn by_certificate(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.client_certs.is_some())
     }
 
     /// Spreads connections over these local addresses, in turn.
@@ -208,6 +253,8 @@ pub enum ConnectError {
     BadWelcome(String),
     #[error("the token is not a valid HTTP header value")]
     BadToken,
+    #[error("client certificate: {0}")]
+    ClientCert(String),
 }
 
 impl ConnectError {
@@ -216,7 +263,7 @@ impl ConnectError {
         match self {
             ConnectError::Refused { status, .. } => matches!(status, 401 | 403),
             ConnectError::ClosedBeforeWelcome(Some(code)) => FINAL_CLOSE_CODES.contains(code),
-            ConnectError::BadToken => true,
+            ConnectError::BadToken | ConnectError::ClientCert(_) => true,
             _ => false,
         }
     }
@@ -243,6 +290,7 @@ impl ConnectError {
             ConnectError::ClosedBeforeWelcome(_) => "connect: closed before welcome".into(),
             ConnectError::BadWelcome(_) => "connect: bad welcome".into(),
             ConnectError::BadToken => "connect: bad token".into(),
+            ConnectError::ClientCert(_) => "connect: client certificate".into(),
         }
     }
 
@@ -273,31 +321,39 @@ impl ConnectError {
     }
 }
 
-/// Connects one device and waits for its welcome, all within `limit`.
+/// Connects device `id` and waits for its welcome, all within `limit`. It proves itself with
+/// `token`, or with its client certificate when the target has them (the token unused).
 pub async fn connect(
     target: &Target,
+    id: &str,
     token: &Secret,
     limit: Duration,
 ) -> Result<(Ws, Welcome), ConnectError> {
-    tokio::time::timeout(limit, connect_unbounded(target, token))
+    tokio::time::timeout(limit, connect_unbounded(target, id, token))
         .await
         .map_err(|_| ConnectError::Timeout)?
 }
 
-async fn connect_unbounded(target: &Target, token: &Secret) -> Result<(Ws, Welcome), ConnectError> {
+async fn connect_unbounded(
+    target: &Target,
+    id: &str,
+    token: &Secret,
+) -> Result<(Ws, Welcome), ConnectError> {
     let tcp = target.tcp().await?;
     // Small messages, latency measured: do not let Nagle hold them back.
     tcp.set_nodelay(true)?;
     let stream = match &target.tls {
-        Some((connector, name)) => {
-            let tls = connector
-                .connect(name.clone(), tcp)
+        Some(tls) => {
+            let stream = tls
+                .connector(id)?
+                .connect(tls.name.clone(), tcp)
                 .await
                 .map_err(ConnectError::Tls)?;
-            Transport::Tls(Box::new(tls))
+            Transport::Tls(Box::new(stream))
         }
         None => Transport::Plain(tcp),
     };
+    let token = (!target.by_certificate()).then_some(token);
     let request = upgrade_request(&target.uri, token)?;
     let (mut ws, _response) =
         tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
@@ -307,16 +363,18 @@ async fn connect_unbounded(target: &Target, token: &Secret) -> Result<(Ws, Welco
     Ok((ws, welcome))
 }
 
-fn upgrade_request(uri: &Uri, token: &Secret) -> Result<Request, ConnectError> {
+fn upgrade_request(uri: &Uri, token: Option<&Secret>) -> Result<Request, ConnectError> {
     let mut request = uri
         .clone()
         .into_client_request()
         .map_err(ConnectError::Handshake)?;
-    let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-        .map_err(|_| ConnectError::BadToken)?;
-    auth.set_sensitive(true);
     let headers = request.headers_mut();
-    headers.insert(AUTHORIZATION, auth);
+    if let Some(token) = token {
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+            .map_err(|_| ConnectError::BadToken)?;
+        auth.set_sensitive(true);
+        headers.insert(AUTHORIZATION, auth);
+    }
     headers.insert(
         SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(proto::SUBPROTOCOL),
@@ -446,7 +504,7 @@ mod tests {
         let (acceptor, ca) = mock::tls_pair(dir.path());
         let mock = Mock::start(Script::default(), Some(acceptor)).await;
         let target = Target::resolve(&mock.url("wss"), &ca).await.unwrap();
-        let (mut ws, welcome) = connect(&target, &mock::token(), Duration::from_secs(5))
+        let (mut ws, welcome) = connect(&target, "mock", &mock::token(), Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(welcome.device_id, "mock");
@@ -461,7 +519,7 @@ mod tests {
         let (_, other_ca) = mock::tls_pair(client_dir.path());
         let mock = Mock::start(Script::default(), Some(acceptor)).await;
         let target = Target::resolve(&mock.url("wss"), &other_ca).await.unwrap();
-        let error = connect(&target, &mock::token(), Duration::from_secs(5))
+        let error = connect(&target, "mock", &mock::token(), Duration::from_secs(5))
             .await
             .err()
             .unwrap();
@@ -476,7 +534,7 @@ mod tests {
             .await
             .unwrap();
         let wrong = Secret::from("wrong".to_string());
-        let error = connect(&target, &wrong, Duration::from_secs(5))
+        let error = connect(&target, "mock", &wrong, Duration::from_secs(5))
             .await
             .err()
             .unwrap();
@@ -583,11 +641,11 @@ mod tests {
     #[test]
     fn upgrade_request_carries_token_and_subprotocol() {
         let uri: Uri = "wss://127.0.0.1:8443/v1/connect".parse().unwrap();
-        let request = upgrade_request(&uri, &Secret::from("tok_1".to_string())).unwrap();
+        let request = upgrade_request(&uri, Some(&Secret::from("tok_1".to_string()))).unwrap();
         assert_eq!(request.headers()[AUTHORIZATION], "Bearer tok_1");
         assert!(request.headers()[AUTHORIZATION].is_sensitive());
         assert_eq!(request.headers()[SEC_WEBSOCKET_PROTOCOL], "iot-gateway.v1");
-        let bad = upgrade_request(&uri, &Secret::from("a\nb".to_string()));
+        let bad = upgrade_request(&uri, Some(&Secret::from("a\nb".to_string())));
         assert!(matches!(bad, Err(ConnectError::BadToken)));
     }
 }

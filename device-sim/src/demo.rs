@@ -65,6 +65,7 @@ pub async fn demo(common: &Common, args: &DemoArgs) -> Result<bool> {
         prefix: common.prefix.clone(),
         connect_concurrency: common.connect_concurrency,
         source_ips: common.source_ips.clone(),
+        client_certs: common.client_certs.clone(),
     };
     let provisioned = tokio::select! {
         result = fleet::credentials(&fleet, args.devices, true) => Some(result),

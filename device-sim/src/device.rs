@@ -145,7 +145,7 @@ impl Device {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         };
         loop {
-            let connect = self.connector.once(&self.token);
+            let connect = self.connector.once(&self.id, &self.token);
             let Some(attempt) = self.offline(&mut state, connect).await else {
                 return self.stop(&state);
             };

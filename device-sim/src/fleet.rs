@@ -43,6 +43,13 @@ pub async fn credentials_with_prefix(
     if provision {
         provision_missing(common, &ids, &mut map).await?;
     }
+    if common.client_certs.is_some() {
+        // Certificates, not tokens, prove who the devices are; none is sent.
+        return Ok(ids
+            .into_iter()
+            .map(|id| (id, Secret::from(String::new())))
+            .collect());
+    }
     tokens::credentials(&ids, &map, &common.tokens)
 }
 
@@ -125,10 +132,10 @@ pub async fn connector(common: &Common, devices: usize) -> Result<Arc<Connector>
             sources[sources.len() - 1]
         );
     }
-    Ok(Connector::new(
-        target.with_sources(sources),
-        common.connect_concurrency,
-    ))
+    let target = target
+        .with_sources(sources)
+        .with_client_certs(common.client_certs.clone())?;
+    Ok(Connector::new(target, common.connect_concurrency))
 }
 
 /// Connects devices to one target, a bounded number of handshakes at a time.
@@ -151,17 +158,18 @@ impl Connector {
         self.target.url()
     }
 
-    /// One attempt, waiting for a permit first.
-    pub async fn once(&self, token: &Secret) -> Result<(Ws, Welcome), ConnectError> {
+    /// One attempt of device `id`, waiting for a permit first.
+    pub async fn once(&self, id: &str, token: &Secret) -> Result<(Ws, Welcome), ConnectError> {
         // The semaphore is never closed, so acquiring cannot fail; the permit is held until
         // the welcome arrived.
         let _permit = self.permits.acquire().await;
-        conn::connect(&self.target, token, CONNECT_TIMEOUT).await
+        conn::connect(&self.target, id, token, CONNECT_TIMEOUT).await
     }
 
     /// Up to `attempts` attempts with backoff; every failed attempt is counted in `tally`.
     pub async fn with_retries(
         &self,
+        id: &str,
         token: &Secret,
         attempts: u32,
         tally: &ErrorTally,
@@ -169,7 +177,7 @@ impl Connector {
         let mut backoff = Backoff::device();
         let mut attempt = 1;
         loop {
-            match self.once(token).await {
+            match self.once(id, token).await {
                 Err(e) if !e.is_final() && attempt < attempts => {
                     tally.record(&format!("{} (retried)", e.kind()), &e);
                     let jitter = backoff.next_delay(&mut rand::thread_rng());

@@ -242,7 +242,7 @@ impl Holding {
             devices.spawn(async move {
                 let (attempt, ws) = tokio::select! {
                     _ = stop.cancelled() => (Attempt::NotTried, None),
-                    connected = connector.with_retries(&token, ATTEMPTS, &tally) => match connected {
+                    connected = connector.with_retries(&id, &token, ATTEMPTS, &tally) => match connected {
                         Ok((ws, _welcome)) => (Attempt::Opened, Some(ws)),
                         Err(_) => (Attempt::Failed, None),
                     },
@@ -350,7 +350,7 @@ mod tests {
         let target = Target::resolve(&mock.url("ws"), std::path::Path::new("unused.pem"))
             .await
             .unwrap();
-        let (ws, _) = conn::connect(&target, &mock::token(), Duration::from_secs(5))
+        let (ws, _) = conn::connect(&target, "sim-00001", &mock::token(), Duration::from_secs(5))
             .await
             .unwrap();
         let (stop, dropped, tally) = (

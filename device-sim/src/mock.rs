@@ -292,5 +292,6 @@ pub fn fleet(dir: &Path, url: String, devices: usize) -> crate::cli::Common {
         prefix: "sim".into(),
         connect_concurrency: 8,
         source_ips: crate::conn::SourceIps::Auto,
+        client_certs: None,
     }
 }

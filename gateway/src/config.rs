@@ -124,6 +124,19 @@ pub struct ServeArgs {
     /// Where the development CA and server certificate are generated [default: certs].
     #[arg(long, env = "GATEWAY_CERTS_DIR", value_name = "DIR")]
     pub certs_dir: Option<PathBuf>,
+    /// CA (PEM) whose client certificates authenticate devices: mutual TLS, the device id in
+    /// the subject's CN [default: none, client certificates not requested].
+    #[arg(long, env = "GATEWAY_DEVICE_CA", value_name = "FILE")]
+    pub device_ca: Option<PathBuf>,
+    /// Origins browser devices may connect from, comma-separated (`https://app.example.com`);
+    /// an upgrade with another `Origin` gets 403 [default: none, any origin].
+    #[arg(
+        long,
+        env = "GATEWAY_ALLOWED_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Option<Vec<String>>,
     /// Operator API key [default: generated, kept in `api-key` beside the database].
     #[arg(
         long,
@@ -204,6 +217,8 @@ struct FileSettings {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     certs_dir: Option<PathBuf>,
+    device_ca: Option<PathBuf>,
+    allowed_origins: Option<Vec<String>>,
     api_key: Option<String>,
     api_tls: Option<bool>,
     no_tls: Option<bool>,
@@ -244,6 +259,9 @@ pub struct Settings {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub certs_dir: PathBuf,
+    pub device_ca: Option<PathBuf>,
+    /// Empty: any origin.
+    pub allowed_origins: Vec<String>,
     pub api_key: Option<String>,
     pub api_tls: bool,
     pub no_tls: bool,
@@ -276,6 +294,8 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             certs_dir: PathBuf::from("certs"),
+            device_ca: None,
+            allowed_origins: Vec::new(),
             api_key: None,
             api_tls: false,
             no_tls: false,
@@ -366,6 +386,15 @@ impl Settings {
             tls_cert: args.tls_cert.or(file.tls_cert),
             tls_key: args.tls_key.or(file.tls_key),
             certs_dir: args.certs_dir.or(file.certs_dir).unwrap_or(d.certs_dir),
+            device_ca: args.device_ca.or(file.device_ca),
+            allowed_origins: args
+                .allowed_origins
+                .or(file.allowed_origins)
+                .unwrap_or(d.allowed_origins)
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect(),
             api_key: args.api_key.or(file.api_key),
             api_tls: args.api_tls.or(file.api_tls).unwrap_or(d.api_tls),
             no_tls: args.no_tls.or(file.no_tls).unwrap_or(d.no_tls),
@@ -451,6 +480,22 @@ impl Settings {
             return Err(invalid(
                 "tls_cert/tls_key",
                 "set both the certificate chain and its key, or neither",
+            ));
+        }
+        if self.device_ca.is_some() && self.no_tls {
+            return Err(invalid(
+                "device_ca",
+                "mutual TLS needs TLS: drop no_tls, or drop device_ca",
+            ));
+        }
+        if let Some(bad) = self
+            .allowed_origins
+            .iter()
+            .find(|o| !(o.starts_with("http://") || o.starts_with("https://")) || o.contains(' '))
+        {
+            return Err(invalid(
+                "allowed_origins",
+                format!("`{bad}` is not an origin like https://app.example.com"),
             ));
         }
         if !self.database_url.starts_with("sqlite:") {
@@ -584,5 +629,34 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("idle_timeout"), "{err}");
+    }
+
+    #[test]
+    fn origins_are_normalized_and_mutual_tls_needs_tls() {
+        let settings = Settings::load(ServeArgs {
+            allowed_origins: Some(vec![
+                "https://Console.example.com/".into(),
+                " http://localhost:3000".into(),
+            ]),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(
+            settings.allowed_origins,
+            ["https://console.example.com", "http://localhost:3000"]
+        );
+        let err = Settings::load(ServeArgs {
+            allowed_origins: Some(vec!["console.example.com".into()]),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("allowed_origins"), "{err}");
+        let err = Settings::load(ServeArgs {
+            device_ca: Some("ca.pem".into()),
+            no_tls: Some(true),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("device_ca"), "{err}");
     }
 }

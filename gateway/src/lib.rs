@@ -4,7 +4,9 @@
 //!
 //! # Layout
 //! - [`config`]: settings with defaults; TOML, environment and flags merged in one place.
-//! - [`tls`]: the rustls `ServerConfig`, from PEM files or a generated development CA.
+//! - [`tls`]: the rustls `ServerConfig`, from PEM files or a generated development CA,
+//!   requesting client certificates when a device CA is set.
+//! - [`device_certs`]: a device CA and per-device client certificates (`gateway certs`).
 //! - [`device`]: the device side: `listener` (accept loop), `handshake` (upgrade and
 //!   auth), `session` (one task per device), `protocol` (message types and validation),
 //!   `limits` (admission and rate limits).
@@ -26,6 +28,7 @@ pub mod api;
 pub mod commands;
 pub mod config;
 pub mod device;
+pub mod device_certs;
 pub mod events;
 pub mod hub;
 pub mod metrics;
@@ -75,7 +78,10 @@ pub enum GatewayError {
 pub struct Gateway {
     settings: Arc<Settings>,
     store: Store,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS for devices (`None` with `no_tls`), with client certificates when a device CA is set.
+    device_tls: Option<Arc<rustls::ServerConfig>>,
+    /// HTTPS for the operator API (`None` unless `api_tls`).
+    api_tls: Option<Arc<rustls::ServerConfig>>,
     api_key: api::key::ApiKey,
     device_listener: TcpListener,
     api_listener: TcpListener,
@@ -85,7 +91,7 @@ impl Gateway {
     /// Prepares TLS, opens and migrates the database, resolves the API key, binds both listeners.
     pub async fn bind(settings: Settings) -> Result<Gateway, GatewayError> {
         let needs_cert = !settings.no_tls || settings.api_tls;
-        let tls = if needs_cert {
+        let (device_tls, api_tls) = if needs_cert {
             let files = tls::resolve_cert_files(
                 settings.tls_cert.as_deref(),
                 settings.tls_key.as_deref(),
@@ -99,9 +105,17 @@ impl Gateway {
                      devices must trust this CA file (set --tls-cert/--tls-key in production)"
                 );
             }
-            Some(tls::server_config(&files)?)
+            let device_tls = match settings.no_tls {
+                true => None,
+                false => Some(tls::server_config(&files, settings.device_ca.as_deref())?),
+            };
+            let api_tls = match settings.api_tls {
+                true => Some(tls::server_config(&files, None)?),
+                false => None,
+            };
+            (device_tls, api_tls)
         } else {
-            None
+            (None, None)
         };
         let store = Store::open(&settings.database_url, settings.synchronous).await?;
         let key_path = api::key::key_file(store.path());
@@ -133,7 +147,8 @@ impl Gateway {
         Ok(Gateway {
             settings: Arc::new(settings),
             store,
-            tls,
+            device_tls,
+            api_tls,
             api_key: api::key::ApiKey::new(&key),
             device_listener,
             api_listener,
@@ -165,7 +180,8 @@ impl Gateway {
         let Gateway {
             settings,
             store,
-            tls,
+            device_tls,
+            api_tls,
             api_key,
             device_listener,
             api_listener,
@@ -214,10 +230,7 @@ impl Gateway {
         });
 
         let sessions = TaskTracker::new();
-        let device_acceptor = tls
-            .clone()
-            .filter(|_| !settings.no_tls)
-            .map(TlsAcceptor::from);
+        let device_acceptor = device_tls.map(TlsAcceptor::from);
         let accept_loop = tokio::spawn(device::listener::serve(
             device_listener,
             device_acceptor,
@@ -234,7 +247,7 @@ impl Gateway {
             shutdown: shutdown.clone(),
         });
         let api_shutdown = shutdown.clone();
-        let api_server = match tls.filter(|_| settings.api_tls) {
+        let api_server = match api_tls {
             Some(config) => {
                 let listener = api::https::TlsListener::new(
                     api_listener,

@@ -31,7 +31,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Make a device CA and client certificates for mutual TLS (files only).
+    Certs(cli::certs::CertsArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -54,8 +56,9 @@ fn init_tracing(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let args = match cli.command {
-        Some(Command::Serve(args)) => args,
+        Some(Command::Serve(args)) => *args,
         Some(Command::Client(command)) => return cli::run(command),
+        Some(Command::Certs(args)) => return cli::certs::run(args),
         None => cli.serve,
     };
     let settings = match Settings::load(args) {

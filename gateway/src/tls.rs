@@ -9,6 +9,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -28,6 +29,8 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("invalid certificate or key: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("device CA {path}: {message}")]
+    ClientCa { path: PathBuf, message: String },
 }
 
 /// File names of the development certificates inside the certs folder.
@@ -74,7 +77,7 @@ pub fn resolve_cert_files(
     Ok(files)
 }
 
-fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
+pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), TlsError> {
     let err = |source| TlsError::Write {
         path: path.to_owned(),
         source,
@@ -180,15 +183,46 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Builds the server configuration: TLS 1.2 and 1.3 only, HTTP/1.1 via ALPN when asked.
-pub fn server_config(files: &CertFiles) -> Result<Arc<ServerConfig>, TlsError> {
+///
+/// With `client_ca`, client certificates are requested: one that does not chain to that CA,
+/// or has expired, fails the handshake. A client may still send none (and then authenticate
+/// with a token), so token and certificate devices share one listener.
+pub fn server_config(
+    files: &CertFiles,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(&files.cert)?;
     let key = load_key(&files.key)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in load_certs(path)? {
+                roots.add(ca)?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::ClientCa {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The device id a client certificate names: its subject's CN (`None` if it has none, or
+/// the certificate cannot be parsed; it was verified by rustls before this is asked).
+pub fn device_id_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -204,7 +238,7 @@ mod tests {
             files.dev_ca.as_deref(),
             Some(certs.join("ca.pem").as_path())
         );
-        server_config(&files).unwrap();
+        server_config(&files, None).unwrap();
         let first = std::fs::read(&files.cert).unwrap();
         let again = resolve_cert_files(None, None, &certs).unwrap();
         assert_eq!(
@@ -229,6 +263,9 @@ mod tests {
         )
         .unwrap();
         assert!(files.dev_ca.is_none());
-        assert!(matches!(server_config(&files), Err(TlsError::Read { .. })));
+        assert!(matches!(
+            server_config(&files, None),
+            Err(TlsError::Read { .. })
+        ));
     }
 }

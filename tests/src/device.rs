@@ -41,6 +41,8 @@ pub struct ConnectRequest {
     headers: Vec<(String, String)>,
     protocols: Vec<String>,
     upgrade: bool,
+    /// A client certificate and its key (PEM files), for mutual TLS.
+    client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// The outcome of a handshake: an open socket or the gateway's HTTP refusal.
@@ -119,7 +121,73 @@ impl ConnectRequest {
             headers: Vec::new(),
             protocols: Vec::new(),
             upgrade: true,
+            client_cert: None,
         }
+    }
+
+    /// Present this client certificate (PEM) with its key (PEM) in the TLS handshake.
+    pub fn client_cert(mut self, cert: &Path, key: &Path) -> Self {
+        self.client_cert = Some((cert.to_path_buf(), key.to_path_buf()));
+        self
+    }
+
+    /// TLS and the upgrade request as [`send`](Self::send) does, but any failure (a TLS alert,
+    /// a reset, EOF before a response) is returned instead of panicking: `Ok(status)` when an
+    /// HTTP response head arrived.
+    pub async fn try_exchange(&self) -> Result<u16, String> {
+        let attempt = async {
+            let tcp = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let name = ServerName::try_from(self.server_name.clone()).map_err(|e| e.to_string())?;
+            let mut tls = self
+                .connector()
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            let req = format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\n\r\n",
+                self.path,
+                self.addr,
+                generate_key()
+            );
+            tls.write_all(req.as_bytes())
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            tls.flush().await.map_err(|e| format!("flush: {e}"))?;
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            loop {
+                let n = tls
+                    .read(&mut chunk)
+                    .await
+                    .map_err(|e| format!("read: {e}"))?;
+                if n == 0 {
+                    return Err("EOF before a response".to_string());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf);
+                if let Some(status) = text
+                    .strip_prefix("HTTP/1.1 ")
+                    .and_then(|rest| rest.get(..3))
+                    .and_then(|code| code.parse().ok())
+                {
+                    return Ok(status);
+                }
+            }
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_string()))
+    }
+
+    fn connector(&self) -> TlsConnector {
+        let identity = self
+            .client_cert
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path()));
+        TlsConnector::from(client_config_with(&self.ca, identity))
     }
 
     /// `Authorization: Bearer <token>`.
@@ -224,7 +292,7 @@ impl ConnectRequest {
         tcp.set_nodelay(true).expect("set TCP_NODELAY");
         let name = ServerName::try_from(self.server_name.clone())
             .unwrap_or_else(|e| panic!("server name {:?}: {e}", self.server_name));
-        TlsConnector::from(client_config(&self.ca))
+        self.connector()
             .connect(name, tcp)
             .await
             .unwrap_or_else(|e| panic!("TLS handshake with {}: {e}", self.addr))
@@ -637,6 +705,14 @@ fn dechunk(buf: &[u8]) -> Option<Vec<u8>> {
 
 /// A rustls client configuration trusting only the PEM CA in `ca`.
 pub fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    client_config_with(ca, None)
+}
+
+/// As [`client_config`], presenting the client certificate `identity` (PEM cert, PEM key).
+pub fn client_config_with(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(ca)
         .unwrap_or_else(|e| panic!("read the gateway CA {}: {e}", ca.display()));
@@ -650,8 +726,20 @@ pub fn client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("TLS protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .unwrap_or_else(|e| panic!("read client certificate {}: {e}", cert.display()));
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .unwrap_or_else(|e| panic!("read client key {}: {e}", key.display()));
+            config
+                .with_client_auth_cert(chain, key)
+                .expect("a usable client certificate")
+        }
+    };
     Arc::new(config)
 }
 

@@ -51,6 +51,7 @@ fn common_with(dir: &std::path::Path, mock: &CommandMock, map: TokenMap) -> Comm
         prefix: "sim".into(),
         connect_concurrency: 8,
         source_ips: crate::conn::SourceIps::Auto,
+        client_certs: None,
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod commands;
 mod devices;
+pub use devices::valid_device_id;
 mod events;
 mod health;
 pub mod https;

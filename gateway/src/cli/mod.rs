@@ -6,6 +6,7 @@
 //! own file. Every failure becomes one line on stderr and an exit code from
 //! [`EXIT_CODES`].
 
+pub mod certs;
 mod client;
 mod commands;
 mod devices;

@@ -61,6 +61,13 @@ impl Refusal {
         message: "the device is disabled",
         retry_after: None,
     };
+    /// 403 `origin_not_allowed`: a browser page from an origin not in `allowed_origins`.
+    pub const ORIGIN_NOT_ALLOWED: Refusal = Refusal {
+        status: 403,
+        error: "origin_not_allowed",
+        message: "this Origin may not connect devices (see the gateway's allowed_origins)",
+        retry_after: None,
+    };
     /// 404 `not_found` for paths other than `/v1/connect`.
     pub const NOT_FOUND: Refusal = Refusal {
         status: 404,
@@ -246,6 +253,20 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(UpgradeRequest, Vec<u8>)>, Refus
     )))
 }
 
+/// Whether an upgrade's `Origin` may connect: any when `allowed` is empty, and always when
+/// there is none (devices that are not browsers send none). Compared as origins are:
+/// scheme and host without case, no trailing slash.
+pub fn origin_allowed(origin: Option<&str>, allowed: &[String]) -> bool {
+    match origin {
+        _ if allowed.is_empty() => true,
+        None => true,
+        Some(origin) => {
+            let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+            allowed.contains(&origin)
+        }
+    }
+}
+
 /// The `101 Switching Protocols` answer.
 pub fn accept_response(req: &UpgradeRequest) -> String {
     let accept = tungstenite::handshake::derive_accept_key(req.key.as_bytes());
@@ -270,6 +291,21 @@ pub async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, refusal: &Refusal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_are_checked_only_against_a_list_and_only_when_sent() {
+        let allowed = vec!["https://app.example.com".to_string()];
+        assert!(origin_allowed(Some("https://evil.example"), &[]));
+        assert!(origin_allowed(None, &allowed));
+        assert!(origin_allowed(Some("https://app.example.com"), &allowed));
+        assert!(origin_allowed(Some("HTTPS://App.Example.com/"), &allowed));
+        assert!(!origin_allowed(
+            Some("https://app.example.com.evil"),
+            &allowed
+        ));
+        assert!(!origin_allowed(Some("http://app.example.com"), &allowed));
+        assert!(!origin_allowed(Some("null"), &allowed));
+    }
 
     fn request(extra: &str) -> String {
         format!(

@@ -70,14 +70,24 @@ async fn handle(
                     return;
                 }
             };
-            upgrade(stream, peer, ctx).await;
+            // Verified by rustls against the device CA; only its CN is read here.
+            let certified = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|cert| crate::tls::device_id_of(cert).ok_or(()));
+            upgrade(stream, peer, certified, ctx).await;
         }
-        None => upgrade(tcp, peer, ctx).await,
+        None => upgrade(tcp, peer, None, ctx).await,
     }
 }
 
+/// The device id of a verified client certificate (`Err` when it names none).
+type Certified = Option<Result<String, ()>>;
+
 /// Authenticates and upgrades; refusals are answered with their HTTP status.
-async fn upgrade<S>(mut stream: S, peer: SocketAddr, ctx: Arc<DeviceContext>)
+async fn upgrade<S>(mut stream: S, peer: SocketAddr, certified: Certified, ctx: Arc<DeviceContext>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -94,8 +104,9 @@ where
         }
     };
     let deadline = tokio::time::Instant::now() + ctx.settings.handshake_timeout;
-    let accepted = tokio::time::timeout_at(deadline, authenticate(&mut stream, &ctx)).await;
-    let (owner, request, leftover) = match accepted {
+    let accepted =
+        tokio::time::timeout_at(deadline, authenticate(&mut stream, certified, &ctx)).await;
+    let (owner, auth, request, leftover) = match accepted {
         Ok(Ok(ok)) => ok,
         Ok(Err(refusal)) => {
             tracing::debug!(
@@ -130,16 +141,21 @@ where
         device_id: owner.id,
         session_id: uuid::Uuid::now_v7().to_string(),
         remote_addr: peer.to_string(),
-        auth: "token",
+        auth,
     };
     Session::new(ws, ctx, identity).run().await;
     drop(admission);
 }
 
-/// The device, its upgrade request, and bytes that followed the request head.
-type Authenticated = (TokenOwner, handshake::UpgradeRequest, Vec<u8>);
+/// The device, how it proved itself (`token` or `certificate`), its upgrade request, and bytes
+/// that followed the request head.
+type Authenticated = (TokenOwner, &'static str, handshake::UpgradeRequest, Vec<u8>);
 
-async fn authenticate<S>(stream: &mut S, ctx: &DeviceContext) -> Result<Authenticated, Refusal>
+async fn authenticate<S>(
+    stream: &mut S,
+    certified: Certified,
+    ctx: &DeviceContext,
+) -> Result<Authenticated, Refusal>
 where
     S: AsyncRead + Unpin,
 {
@@ -147,18 +163,55 @@ where
     if ctx.shutdown.is_cancelled() {
         return Err(Refusal::unavailable("the gateway is shutting down", 5));
     }
-    let token = request.token.as_deref().ok_or(Refusal::unauthorized(
-        "no credentials: send Authorization: Bearer <token>",
-    ))?;
-    let owner = ctx
-        .store
-        .device_by_token(&hash_token(token))
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "token lookup failed");
-            Refusal::unavailable("storage unavailable", 5)
-        })?
-        .ok_or(Refusal::unauthorized("unknown or wrong token"))?;
+    if !handshake::origin_allowed(request.origin.as_deref(), &ctx.settings.allowed_origins) {
+        return Err(Refusal::ORIGIN_NOT_ALLOWED);
+    }
+    let storage_down = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "device lookup failed");
+        Refusal::unavailable("storage unavailable", 5)
+    };
+    let (owner, auth) = match (request.token.as_deref(), certified) {
+        (_, Some(Err(()))) => {
+            return Err(Refusal::unauthorized(
+                "the client certificate has no subject CN naming a device",
+            ))
+        }
+        (Some(token), certified) => {
+            let owner = ctx
+                .store
+                .device_by_token(&hash_token(token))
+                .await
+                .map_err(storage_down)?
+                .ok_or(Refusal::unauthorized("unknown or wrong token"))?;
+            if certified.is_some_and(|id| id.ok() != Some(owner.id.clone())) {
+                return Err(Refusal::unauthorized(
+                    "the token and the client certificate name different devices",
+                ));
+            }
+            (owner, "token")
+        }
+        (None, Some(Ok(id))) => {
+            let owner = ctx
+                .store
+                .get_device(&id)
+                .await
+                .map_err(storage_down)?
+                .map(|row| TokenOwner {
+                    pk: row.pk,
+                    id: row.id,
+                    enabled: row.enabled,
+                })
+                .ok_or(Refusal::unauthorized(
+                    "the client certificate names no registered device",
+                ))?;
+            (owner, "certificate")
+        }
+        (None, None) => {
+            return Err(Refusal::unauthorized(
+                "no credentials: send Authorization: Bearer <token> or a client certificate",
+            ))
+        }
+    };
     if !owner.enabled {
         return Err(Refusal::DISABLED);
     }
@@ -171,7 +224,7 @@ where
             retry_after,
         ));
     }
-    Ok((owner, request, leftover))
+    Ok((owner, auth, request, leftover))
 }
 
 /// SHA-256 of a token: what the registry stores and looks up.
