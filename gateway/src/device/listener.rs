@@ -35,7 +35,14 @@ pub async fn serve(
         match accepted {
             Ok((tcp, peer)) => {
                 let _ = tcp.set_nodelay(true);
-                let span = tracing::debug_span!("conn", %peer, device_id = tracing::field::Empty);
+                // Every log line of the connection carries these (JSON: in `span`/`spans`).
+                let span = tracing::info_span!(
+                    "conn",
+                    %peer,
+                    device_id = tracing::field::Empty,
+                    session_id = tracing::field::Empty,
+                    auth = tracing::field::Empty,
+                );
                 tracker.spawn(handle(tcp, peer, tls.clone(), ctx.clone()).instrument(span));
             }
             Err(e) => {
@@ -143,6 +150,9 @@ where
         remote_addr: peer.to_string(),
         auth,
     };
+    let span = tracing::Span::current();
+    span.record("session_id", identity.session_id.as_str());
+    span.record("auth", auth);
     Session::new(ws, ctx, identity).run().await;
     drop(admission);
 }
