@@ -36,6 +36,7 @@ pub struct CommandStatus {
 /// Every metric the gateway exports.
 pub struct Metrics {
     pub connections: Gauge,
+    pub accept_failures: Counter,
     pub handshakes: Family<Outcome, Counter>,
     pub messages: Family<Kind, Counter>,
     /// `messages{type="telemetry"}`, resolved once: it is counted on the hot path.
@@ -54,6 +55,7 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Metrics {
         let connections = Gauge::default();
+        let accept_failures = Counter::default();
         let handshakes = Family::<Outcome, Counter>::default();
         let messages = Family::<Kind, Counter>::default();
         let telemetry_messages = messages
@@ -74,6 +76,11 @@ impl Metrics {
             "connections",
             "Device connections open now",
             connections.clone(),
+        );
+        r.register(
+            "accept_failures",
+            "Failed accepts of device connections (out of file descriptors, say)",
+            accept_failures.clone(),
         );
         r.register(
             "handshakes",
@@ -127,6 +134,7 @@ impl Metrics {
         );
         Metrics {
             connections,
+            accept_failures,
             handshakes,
             messages,
             telemetry_messages,

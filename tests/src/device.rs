@@ -145,13 +145,20 @@ impl ConnectRequest {
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS handshake: {e}"))?;
-            let req = format!(
+            let mut req = format!(
                 "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\n\r\n",
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {}\r\n",
                 self.path,
                 self.addr,
                 generate_key()
             );
+            if !self.protocols.is_empty() {
+                req += &format!("Sec-WebSocket-Protocol: {}\r\n", self.protocols.join(", "));
+            }
+            for (name, value) in &self.headers {
+                req += &format!("{name}: {value}\r\n");
+            }
+            req += "\r\n";
             tls.write_all(req.as_bytes())
                 .await
                 .map_err(|e| format!("write: {e}"))?;

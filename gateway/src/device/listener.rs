@@ -27,6 +27,7 @@ pub async fn serve(
     ctx: Arc<DeviceContext>,
     tracker: TaskTracker,
 ) {
+    let mut failing = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -34,6 +35,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                failing.recovered();
                 let _ = tcp.set_nodelay(true);
                 // Every log line of the connection carries these (JSON: in `span`/`spans`).
                 let span = tracing::info_span!(
@@ -48,9 +50,51 @@ pub async fn serve(
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning; the
                 // connections being served are unaffected.
-                tracing::warn!(error = %e, "accept failed; backing off");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                failing.failed(&e);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// How long the accept loop sleeps after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// While accepts keep failing, one warning per this interval (with the count) is enough.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs of failed accepts: each counted in metrics; warned about at most once per
+/// [`ACCEPT_WARN_EVERY`], however often descriptors run out and come back.
+#[derive(Default)]
+struct AcceptFailures {
+    /// Failures in the current run, and whether it was warned about.
+    run: Option<(u64, bool)>,
+    last_warned: Option<tokio::time::Instant>,
+}
+
+impl AcceptFailures {
+    fn failed(&mut self, error: &std::io::Error) {
+        METRICS.accept_failures.inc();
+        let now = tokio::time::Instant::now();
+        let (count, warned) = self.run.get_or_insert((0, false));
+        *count += 1;
+        if *warned
+            || self
+                .last_warned
+                .is_some_and(|at| now.duration_since(at) < ACCEPT_WARN_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            %error,
+            "accept failed; backing off (out of file descriptors? raise `ulimit -n`)"
+        );
+        *warned = true;
+        self.last_warned = Some(now);
+    }
+
+    fn recovered(&mut self) {
+        if let Some((failures, true)) = self.run.take() {
+            tracing::info!(failures, "accepting connections again");
         }
     }
 }
