@@ -121,6 +121,12 @@ async fn json_logs_carry_a_span_per_connection_and_no_secrets() {
     assert_eq!(ack["type"], "ack");
     dev.close().await;
     gw.connect_request()
+        .query(&format!("token={token}"))
+        .send()
+        .await
+        .refusal()
+        .assert_error(400, "bad_request");
+    gw.connect_request()
         .bearer(&format!("{token}x"))
         .send()
         .await
@@ -172,6 +178,9 @@ async fn json_logs_carry_a_span_per_connection_and_no_secrets() {
     assert!(refused["span"]["device_id"].is_null(), "{refused}");
 
     let all = lines.join("\n");
-    assert!(!all.contains(&token), "a device token was logged");
+    assert!(
+        !all.contains(&token),
+        "a device token was logged (sent in a header, a query string and wrong)"
+    );
     assert!(!all.contains(&gw.api_key), "the API key was logged");
 }
