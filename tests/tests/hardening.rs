@@ -650,14 +650,14 @@ async fn the_handshake_timeout_bounds_tls_and_upgrade_together() {
     let request = gw.connect_request();
     let hello = client_hello(&gw.ca_pem_path);
 
-    // A ClientHello spread over ~1.4 s (within the timeout), then the upgrade head trickled:
-    // the gateway must end it HANDSHAKE_TIMEOUT after the connect, not after TLS.
+    // A ClientHello spread over ~1.2 s (well within the timeout), then the upgrade head
+    // trickled: the gateway must end it HANDSHAKE_TIMEOUT after the connect, not after TLS.
     let tcp = TcpStream::connect(request.addr()).await.expect("connect");
     let opened = Instant::now();
     let slow = Trickle::new(
         tcp,
         hello.len(),
-        hello.len().div_ceil(15),
+        hello.len().div_ceil(13),
         Duration::from_millis(100),
     );
     let tls = TlsConnector::from(client_config(&gw.ca_pem_path))
