@@ -99,8 +99,8 @@ pub enum Event {
 
 /// A TLS connection after a `101`, read frame by frame without ever answering (no pongs).
 pub struct RawConn {
-    tls: TlsStream<TcpStream>,
-    buf: Vec<u8>,
+    pub(crate) tls: TlsStream<TcpStream>,
+    pub(crate) buf: Vec<u8>,
 }
 
 impl ConnectRequest {
@@ -558,7 +558,7 @@ impl RawConn {
 }
 
 /// An unmasked server frame at the start of `buf`: `(opcode, payload, bytes used)`.
-fn parse_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+pub(crate) fn parse_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
     if buf.len() < 2 {
         return None;
     }

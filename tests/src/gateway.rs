@@ -222,6 +222,17 @@ impl Gateway {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// What the process has open: the target of each entry of `/proc/<pid>/fd` (`socket:[…]`,
+    /// a path, …). Entries closed while they are listed are left out.
+    pub fn open_files(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fd", self.pid);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("list {dir}: {e}"));
+        entries
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .map(|target| target.display().to_string())
+            .collect()
+    }
+
     /// An operator API client with this gateway's key.
     pub fn api(&self) -> Api {
         Api::new(&self.api_url, &self.root_url, Some(&self.api_key))

@@ -10,6 +10,8 @@
 //! - [`checks`]: assertions shared by the tests (error bodies, time formats, polling).
 //! - [`commands`]: create, read and wait on commands; receive and answer them as a device.
 //! - [`sse`]: a Server-Sent Events client for the live event stream.
+//! - [`raw`]: hand-made WebSocket frames (malformed ones too) on a raw connection, a TLS
+//!   client's first flight as bytes, a stream that trickles what it writes.
 //! - [`sim`]: the `device-sim` binary as a process, a relay that keeps the device address
 //!   across gateway restarts, and checks of the series a simulated fleet stored.
 
@@ -19,6 +21,7 @@ pub mod cli;
 pub mod commands;
 pub mod device;
 pub mod gateway;
+pub mod raw;
 pub mod sim;
 pub mod sse;
 
@@ -30,4 +33,5 @@ pub use checks::{
 pub use cli::{Cli, CliOutput, CliProcess};
 pub use device::{ConnectRequest, Device, Event, Handshake, RawConn, Refusal};
 pub use gateway::{Gateway, Options, Stopped};
+pub use raw::{Frame, RawEvent};
 pub use serde_json::{json, Value};
