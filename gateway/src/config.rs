@@ -169,6 +169,10 @@ pub struct ServeArgs {
     /// Max connections per client IP, 0 = no limit [default: 0].
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
+    /// Connections accepted but not yet through their TLS and upgrade handshakes, at most;
+    /// past it new connections wait in the listen backlog [default: 1024].
+    #[arg(long, env = "GATEWAY_MAX_HANDSHAKES", value_name = "N")]
+    pub max_handshakes: Option<usize>,
     /// Connects per device per minute before 429 [default: 15].
     #[arg(long, env = "GATEWAY_DEVICE_CONNECTS_PER_MIN", value_name = "N")]
     pub device_connects_per_min: Option<u32>,
@@ -228,6 +232,7 @@ struct FileSettings {
     telemetry_burst: Option<u32>,
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
+    max_handshakes: Option<usize>,
     device_connects_per_min: Option<u32>,
     handshake_timeout: Option<TomlDuration>,
     ping_interval: Option<TomlDuration>,
@@ -271,6 +276,7 @@ pub struct Settings {
     pub telemetry_burst: u32,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    pub max_handshakes: usize,
     pub device_connects_per_min: u32,
     pub handshake_timeout: Duration,
     pub ping_interval: Duration,
@@ -305,6 +311,7 @@ impl Default for Settings {
             telemetry_burst: 200,
             max_connections: 100_000,
             max_connections_per_ip: 0,
+            max_handshakes: 1024,
             device_connects_per_min: 15,
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
@@ -422,6 +429,10 @@ impl Settings {
                 .max_connections_per_ip
                 .or(file.max_connections_per_ip)
                 .unwrap_or(d.max_connections_per_ip),
+            max_handshakes: args
+                .max_handshakes
+                .or(file.max_handshakes)
+                .unwrap_or(d.max_handshakes),
             device_connects_per_min: args
                 .device_connects_per_min
                 .or(file.device_connects_per_min)
@@ -524,6 +535,9 @@ impl Settings {
         }
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_handshakes == 0 {
+            return Err(invalid("max_handshakes", "must be at least 1"));
         }
         if self.ping_interval.is_zero() {
             return Err(invalid("ping_interval", "must be greater than zero"));

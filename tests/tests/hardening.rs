@@ -722,3 +722,45 @@ fn upgrade_head(request: &ConnectRequest) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+#[tokio::test]
+async fn handshakes_in_progress_are_bounded_and_wait_in_the_backlog_past_the_bound() {
+    let gw =
+        Gateway::start(Options::new().args(["--max-handshakes", "4", "--handshake-timeout", "5s"]))
+            .await;
+    let token = gw.create_device("sensor-1").await;
+    let baseline = baseline_files(&gw).await;
+    let addr = gw.connect_request().addr();
+
+    // 40 connections that never start TLS: the kernel completes them all (backlog), the
+    // gateway takes only 4 of them on at a time.
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        stalled.push(
+            TcpStream::connect(addr)
+                .await
+                .expect("connect to the device port"),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = gw.open_files();
+    let sockets = open.iter().filter(|f| f.starts_with("socket:")).count()
+        - baseline.iter().filter(|f| f.starts_with("socket:")).count();
+    assert_eq!(
+        sockets, 4,
+        "sockets the gateway opened for the stalled connections"
+    );
+
+    // Once they go away, the backlog drains and a device gets in at once.
+    drop(stalled);
+    let started = Instant::now();
+    let dev = gw.connect_request().bearer(&token).send().await.device();
+    assert_eq!(dev.welcome["device_id"], "sensor-1");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the device waited {:?}",
+        started.elapsed()
+    );
+    dev.close().await;
+    files_back_to(&gw, &baseline).await.unwrap();
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
@@ -28,7 +29,14 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let mut failing = AcceptFailures::default();
+    // A slot per connection still in its handshakes, taken before accepting: a flood of
+    // stalled handshakes waits in the listen backlog instead of taking every descriptor.
+    let slots = Arc::new(Semaphore::new(ctx.settings.max_handshakes));
     loop {
+        let slot = tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             r = listener.accept() => r,
@@ -45,7 +53,7 @@ pub async fn serve(
                     session_id = tracing::field::Empty,
                     auth = tracing::field::Empty,
                 );
-                tracker.spawn(handle(tcp, peer, tls.clone(), ctx.clone()).instrument(span));
+                tracker.spawn(handle(tcp, peer, slot, tls.clone(), ctx.clone()).instrument(span));
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning; the
@@ -102,13 +110,15 @@ impl AcceptFailures {
 async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
     tls: Option<TlsAcceptor>,
     ctx: Arc<DeviceContext>,
 ) {
-    let timeout = ctx.settings.handshake_timeout;
+    // One budget for TLS and the upgrade together, from the accept.
+    let deadline = tokio::time::Instant::now() + ctx.settings.handshake_timeout;
     match tls {
         Some(acceptor) => {
-            let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     METRICS.handshake("tls_failed");
@@ -128,18 +138,23 @@ async fn handle(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|cert| crate::tls::device_id_of(cert).ok_or(()));
-            upgrade(stream, peer, certified, ctx).await;
+            upgrade(stream, peer, certified, (deadline, slot), ctx).await;
         }
-        None => upgrade(tcp, peer, None, ctx).await,
+        None => upgrade(tcp, peer, None, (deadline, slot), ctx).await,
     }
 }
 
 /// The device id of a verified client certificate (`Err` when it names none).
 type Certified = Option<Result<String, ()>>;
 
-/// Authenticates and upgrades; refusals are answered with their HTTP status.
-async fn upgrade<S>(mut stream: S, peer: SocketAddr, certified: Certified, ctx: Arc<DeviceContext>)
-where
+/// Authenticates and upgrades by `deadline`; refusals are answered with their HTTP status.
+async fn upgrade<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    certified: Certified,
+    (deadline, slot): (tokio::time::Instant, OwnedSemaphorePermit),
+    ctx: Arc<DeviceContext>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let admission = match ctx.limits.admit(peer.ip()) {
@@ -154,7 +169,6 @@ where
             return;
         }
     };
-    let deadline = tokio::time::Instant::now() + ctx.settings.handshake_timeout;
     let accepted =
         tokio::time::timeout_at(deadline, authenticate(&mut stream, certified, &ctx)).await;
     let (owner, auth, request, leftover) = match accepted {
@@ -197,6 +211,8 @@ where
     let span = tracing::Span::current();
     span.record("session_id", identity.session_id.as_str());
     span.record("auth", auth);
+    // Through the handshakes: the slot goes to the next connection.
+    drop(slot);
     Session::new(ws, ctx, identity).run().await;
     drop(admission);
 }
