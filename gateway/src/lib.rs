@@ -103,7 +103,12 @@ impl Gateway {
         } else {
             None
         };
-        let store = Store::open(&settings.database_url, settings.synchronous).await?;
+        let store = Store::open(
+            &settings.database_url,
+            settings.synchronous,
+            settings.wal_max_bytes,
+        )
+        .await?;
         let key_path = api::key::key_file(store.path());
         let (key, generated) =
             api::key::resolve(settings.api_key.as_deref(), &key_path).map_err(|source| {
@@ -184,6 +189,7 @@ impl Gateway {
                 max_rows: settings.batch_max_rows,
                 max_delay: settings.batch_max_delay,
                 queue: settings.writer_queue,
+                idle_checkpoint: store::writer::IDLE_CHECKPOINT,
             },
             events.clone(),
         );
