@@ -26,13 +26,16 @@ async fn main() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}/bench.db", dir.path().display());
-    let store = Store::open(&url, sync).await.expect("open");
+    let store = Store::open(&url, sync, gateway::store::DEFAULT_WAL_MAX_BYTES)
+        .await
+        .expect("open");
     let (writer, task) = Writer::spawn(
         store,
         WriterConfig {
             max_rows: 4000,
             max_delay: Duration::ZERO,
             queue: 4096,
+            idle_checkpoint: gateway::store::writer::IDLE_CHECKPOINT,
         },
         std::sync::Arc::new(gateway::events::Events::starting_now(10_000)),
     );

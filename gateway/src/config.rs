@@ -203,6 +203,9 @@ pub struct ServeArgs {
     /// Write jobs queued for the writer before sessions stop reading [default: 4096].
     #[arg(long, env = "GATEWAY_WRITER_QUEUE", value_name = "N")]
     pub writer_queue: Option<usize>,
+    /// Size the SQLite WAL file is kept under, in bytes; checkpoints start at half of it [default: 67108864].
+    #[arg(long, env = "GATEWAY_WAL_MAX_BYTES", value_name = "BYTES")]
+    pub wal_max_bytes: Option<u64>,
     /// Time allowed for a graceful shutdown [default: 10s].
     #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE", value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_grace: Option<Duration>,
@@ -243,6 +246,7 @@ struct FileSettings {
     batch_max_rows: Option<usize>,
     batch_max_delay: Option<TomlDuration>,
     writer_queue: Option<usize>,
+    wal_max_bytes: Option<u64>,
     shutdown_grace: Option<TomlDuration>,
     log_format: Option<String>,
 }
@@ -287,6 +291,7 @@ pub struct Settings {
     pub batch_max_rows: usize,
     pub batch_max_delay: Duration,
     pub writer_queue: usize,
+    pub wal_max_bytes: u64,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
 }
@@ -322,11 +327,15 @@ impl Default for Settings {
             batch_max_rows: 4000,
             batch_max_delay: Duration::ZERO,
             writer_queue: 4096,
+            wal_max_bytes: crate::store::DEFAULT_WAL_MAX_BYTES,
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
         }
     }
 }
+
+/// The smallest WAL limit: below it the WAL would be checkpointed every few commits.
+const MIN_WAL_MAX_BYTES: u64 = 1 << 20;
 
 fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -473,6 +482,10 @@ impl Settings {
                 .writer_queue
                 .or(file.writer_queue)
                 .unwrap_or(d.writer_queue),
+            wal_max_bytes: args
+                .wal_max_bytes
+                .or(file.wal_max_bytes)
+                .unwrap_or(d.wal_max_bytes),
             shutdown_grace: args
                 .shutdown_grace
                 .or(file_duration("shutdown_grace", file.shutdown_grace)?)
@@ -566,6 +579,12 @@ impl Settings {
         if self.writer_queue == 0 {
             return Err(invalid("writer_queue", "must be at least 1"));
         }
+        if self.wal_max_bytes < MIN_WAL_MAX_BYTES {
+            return Err(invalid(
+                "wal_max_bytes",
+                format!("must be at least {MIN_WAL_MAX_BYTES} (1 MiB)"),
+            ));
+        }
         Ok(())
     }
 }
@@ -601,6 +620,7 @@ mod tests {
         assert_eq!(s.ping_interval, Duration::from_secs(30));
         assert_eq!(s.idle_timeout, Duration::from_secs(90));
         assert_eq!(s.command_window, 8);
+        assert_eq!(s.wal_max_bytes, 64 << 20);
     }
 
     #[test]
@@ -643,6 +663,13 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("idle_timeout"), "{err}");
+
+        let err = Settings::load(ServeArgs {
+            wal_max_bytes: Some(4096),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("wal_max_bytes"), "{err}");
     }
 
     #[test]

@@ -117,7 +117,12 @@ impl Gateway {
         } else {
             (None, None)
         };
-        let store = Store::open(&settings.database_url, settings.synchronous).await?;
+        let store = Store::open(
+            &settings.database_url,
+            settings.synchronous,
+            settings.wal_max_bytes,
+        )
+        .await?;
         let key_path = api::key::key_file(store.path());
         let (key, generated) =
             api::key::resolve(settings.api_key.as_deref(), &key_path).map_err(|source| {
@@ -200,6 +205,7 @@ impl Gateway {
                 max_rows: settings.batch_max_rows,
                 max_delay: settings.batch_max_delay,
                 queue: settings.writer_queue,
+                idle_checkpoint: store::writer::IDLE_CHECKPOINT,
             },
             events.clone(),
         );

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub batch_rows: Histogram,
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
+    pub wal_bytes: Gauge,
     pub commands: Family<CommandStatus, Counter>,
     pub sse_clients: Gauge,
     registry: Registry,
@@ -69,6 +70,7 @@ impl Metrics {
         let batch_rows = Histogram::new(exponential_buckets(1.0, 4.0, 8));
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let commit_failures = Counter::default();
+        let wal_bytes = Gauge::default();
         let commands = Family::<CommandStatus, Counter>::default();
         let sse_clients = Gauge::default();
         let mut r = Registry::with_prefix("gateway");
@@ -123,6 +125,11 @@ impl Metrics {
             commit_failures.clone(),
         );
         r.register(
+            "wal_bytes",
+            "Size of the SQLite WAL file after the last commit or checkpoint",
+            wal_bytes.clone(),
+        );
+        r.register(
             "commands",
             "Command status transitions, by the status reached",
             commands.clone(),
@@ -144,6 +151,7 @@ impl Metrics {
             batch_rows,
             commit_seconds,
             commit_failures,
+            wal_bytes,
             commands,
             sse_clients,
             registry: r,

@@ -26,6 +26,7 @@ pub struct Options {
     args: Vec<String>,
     env: Vec<(String, String)>,
     key: KeyMode,
+    data_tmpfs: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -57,6 +58,15 @@ impl Options {
     /// An environment variable for the gateway process (e.g. a `GATEWAY_*` setting).
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Put `data/` (the database) on a tmpfs of `size` (e.g. `"8m"`) that only the gateway
+    /// sees: it runs under `unshare --user --map-root-user --mount`, which mounts the tmpfs and
+    /// then becomes the gateway (same process id). A small tmpfs is a real full disk; the test
+    /// reaches the files through [`Gateway::data_dir`]. The data ends with the process.
+    pub fn data_on_tmpfs(mut self, size: &str) -> Self {
+        self.data_tmpfs = Some(size.to_owned());
         self
     }
 
@@ -131,7 +141,19 @@ impl Gateway {
         let stderr_path = next_stderr_path(dir.path());
         let stderr_file = std::fs::File::create(&stderr_path).expect("create stderr log");
 
-        let mut cmd = Command::new(gateway_bin());
+        let mut cmd = match &opts.data_tmpfs {
+            None => Command::new(gateway_bin()),
+            Some(size) => {
+                let mut unshare = Command::new("unshare");
+                unshare
+                    .args(["--user", "--map-root-user", "--mount", "--", "sh", "-c"])
+                    .arg(r#"mount -t tmpfs -o "size=$1" tmpfs "$2" && shift 2 && exec "$@""#)
+                    .args(["sh", size])
+                    .arg(&data_dir)
+                    .arg(gateway_bin());
+                unshare
+            }
+        };
         cmd.current_dir(dir.path())
             .arg("serve")
             .args(["--device-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0"])
@@ -210,6 +232,24 @@ impl Gateway {
     /// The gateway's working directory (database under `data/`, certificates under `certs/`).
     pub fn dir(&self) -> &Path {
         self.dir.as_ref().expect("gateway directory").path()
+    }
+
+    /// The data directory (`data/`, with `gateway.db`) as this process sees it: on a tmpfs of
+    /// its own ([`Options::data_on_tmpfs`]) through `/proc/PID/root`.
+    pub fn data_dir(&self) -> PathBuf {
+        let data = self.dir().join("data");
+        match self.opts.data_tmpfs {
+            None => data,
+            Some(_) => Path::new(&format!("/proc/{}/root", self.pid)).join(
+                data.strip_prefix("/")
+                    .expect("an absolute temporary directory"),
+            ),
+        }
+    }
+
+    /// Whether the process is still running (it has not exited, by itself or by a signal).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// What this run has written to stderr so far.

@@ -7,6 +7,7 @@
 //! - [`cli`]: the `gateway` binary run as the operator CLI, one-shot or streaming.
 //! - [`device`]: a WebSocket device client over rustls that trusts the gateway's
 //!   development CA, and sees handshake refusals as status + JSON body.
+//! - [`db`]: the gateway's SQLite file opened directly (integrity check).
 //! - [`checks`]: assertions shared by the tests (error bodies, time formats, polling).
 //! - [`commands`]: create, read and wait on commands; receive and answer them as a device.
 //! - [`sse`]: a Server-Sent Events client for the live event stream.
@@ -19,6 +20,7 @@ pub mod api;
 pub mod checks;
 pub mod cli;
 pub mod commands;
+pub mod db;
 pub mod device;
 pub mod gateway;
 pub mod raw;

@@ -237,9 +237,13 @@ pub(crate) mod cursor {
 #[cfg(test)]
 pub(crate) async fn test_state(dir: &std::path::Path) -> (ApiState, crate::store::writer::Writer) {
     let url = format!("sqlite://{}/api.db", dir.display());
-    let store = Store::open(&url, crate::config::Synchronous::Normal)
-        .await
-        .unwrap();
+    let store = Store::open(
+        &url,
+        crate::config::Synchronous::Normal,
+        crate::store::DEFAULT_WAL_MAX_BYTES,
+    )
+    .await
+    .unwrap();
     let hub = Arc::new(Hub::default());
     let events = Arc::new(Events::new(10, 1));
     let shutdown = CancellationToken::new();
@@ -249,6 +253,7 @@ pub(crate) async fn test_state(dir: &std::path::Path) -> (ApiState, crate::store
             max_rows: 100,
             max_delay: std::time::Duration::ZERO,
             queue: 16,
+            idle_checkpoint: crate::store::writer::IDLE_CHECKPOINT,
         },
         events.clone(),
     );

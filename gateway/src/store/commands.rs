@@ -501,7 +501,16 @@ mod tests {
     async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/c.db", dir.path().display());
-        (dir, Store::open(&url, Synchronous::Normal).await.unwrap())
+        (
+            dir,
+            Store::open(
+                &url,
+                Synchronous::Normal,
+                crate::store::DEFAULT_WAL_MAX_BYTES,
+            )
+            .await
+            .unwrap(),
+        )
     }
 
     /// The ops one at a time, as the tests below read best.

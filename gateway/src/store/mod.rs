@@ -3,7 +3,8 @@
 //! Writes go through a pool holding one connection, so in-process writers queue
 //! instead of failing with `SQLITE_BUSY`; reads use a separate pool of read-only
 //! connections that WAL lets run beside the writer. Telemetry and presence reach
-//! the write connection through the batching [`writer`] (group commit).
+//! the write connection through the batching [`writer`] (group commit), which also
+//! keeps the WAL within its limit.
 
 pub mod commands;
 pub mod devices;
@@ -18,7 +19,7 @@ use std::time::Duration;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Connection, Sqlite, Transaction};
 
 use crate::config::Synchronous;
 
@@ -47,17 +48,42 @@ fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// The default WAL size limit: 64 MiB.
+pub const DEFAULT_WAL_MAX_BYTES: u64 = 64 << 20;
+
+/// The page size SQLite creates databases with (this one never sets another);
+/// `wal_autocheckpoint` counts pages of it.
+const PAGE_BYTES: u64 = 4096;
+
 /// Both pools of one SQLite database file.
 #[derive(Clone, Debug)]
 pub struct Store {
     write: SqlitePool,
     read: SqlitePool,
     path: PathBuf,
+    wal_path: PathBuf,
+    wal_max_bytes: u64,
+}
+
+/// What a `wal_checkpoint(TRUNCATE)` achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// Everything copied into the database; the WAL file is empty.
+    Truncated,
+    /// A reader of an older snapshot was still in the WAL when the wait ended.
+    Blocked,
 }
 
 impl Store {
     /// Opens (creating if needed) and migrates the database at `url`.
-    pub async fn open(url: &str, synchronous: Synchronous) -> Result<Store, StoreError> {
+    ///
+    /// SQLite checkpoints by itself whenever the WAL holds half of `wal_max_bytes`;
+    /// the [`writer`] forces a checkpoint if it ever grows past all of it.
+    pub async fn open(
+        url: &str,
+        synchronous: Synchronous,
+        wal_max_bytes: u64,
+    ) -> Result<Store, StoreError> {
         let sync = match synchronous {
             Synchronous::Full => SqliteSynchronous::Full,
             Synchronous::Normal => SqliteSynchronous::Normal,
@@ -74,19 +100,33 @@ impl Store {
                 source,
             })?;
         }
+        let checkpoint_pages = (wal_max_bytes / 2 / PAGE_BYTES).max(1);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(60))
+            // When a COMMIT fails (disk full, I/O error) SQLite may roll the transaction back
+            // by itself; sqlx's own ROLLBACK then fails and it goes on counting an open
+            // transaction, so the connection could never begin another. Such a connection
+            // is closed instead of reused, and the pool opens a fresh one.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    if conn.is_in_transaction() {
+                        // A dropped transaction's ROLLBACK is queued: let it run first.
+                        conn.ping().await?;
+                    }
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(
                 base.clone()
                     .create_if_missing(true)
                     // Index pages of recent telemetry stay cached instead of being re-read.
                     .pragma("cache_size", "-16384")
-                    // Checkpoint every ~40 MB of WAL rather than 4 MB: pages that many
-                    // commits dirty are copied back once, and the WAL stays bounded.
-                    .pragma("wal_autocheckpoint", "10000")
-                    .pragma("journal_size_limit", "67108864"),
+                    // Checkpoint every tens of MB of WAL (by default) rather than 4 MB: pages
+                    // that many commits dirty are copied back once.
+                    .pragma("wal_autocheckpoint", checkpoint_pages.to_string())
+                    .pragma("journal_size_limit", wal_max_bytes.to_string()),
             )
             .await?;
         sqlx::migrate!("../migrations").run(&write).await?;
@@ -96,12 +136,43 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(base.read_only(true).pragma("query_only", "true"))
             .await?;
-        Ok(Store { write, read, path })
+        let mut wal_path = path.clone().into_os_string();
+        wal_path.push("-wal");
+        Ok(Store {
+            write,
+            read,
+            path,
+            wal_path: wal_path.into(),
+            wal_max_bytes,
+        })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The size of the WAL file now (0 when there is none).
+    pub fn wal_bytes(&self) -> u64 {
+        std::fs::metadata(&self.wal_path).map_or(0, |m| m.len())
+    }
+
+    /// The size the WAL file should stay under.
+    pub fn wal_max_bytes(&self) -> u64 {
+        self.wal_max_bytes
+    }
+
+    /// Copies the whole WAL into the database and truncates the WAL file to zero bytes,
+    /// waiting (up to the busy timeout) for readers of older snapshots to finish.
+    pub async fn truncate_wal(&self) -> Result<Checkpoint, StoreError> {
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.write)
+            .await?;
+        Ok(if busy == 0 {
+            Checkpoint::Truncated
+        } else {
+            Checkpoint::Blocked
+        })
     }
 
     /// A write transaction that takes the write lock at once (`BEGIN IMMEDIATE`).
@@ -129,7 +200,9 @@ mod tests {
     async fn open(sync: Synchronous) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/data/g.db", dir.path().display());
-        let store = Store::open(&url, sync).await.unwrap();
+        let store = Store::open(&url, sync, DEFAULT_WAL_MAX_BYTES)
+            .await
+            .unwrap();
         (dir, store)
     }
 
@@ -147,8 +220,36 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(got, level, "{sync:?}");
+            // SQLite checkpoints by itself at half the WAL limit (64 MiB by default).
+            let pages: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+                .fetch_one(&store.write)
+                .await
+                .unwrap();
+            assert_eq!(pages, 8192);
             assert!(store.path().ends_with("data/g.db"), "the folder is created");
         }
+    }
+
+    #[tokio::test]
+    async fn a_transaction_that_sqlite_ended_by_itself_does_not_wedge_the_write_connection() {
+        let (_dir, store) = open(Synchronous::Full).await;
+        {
+            let mut tx = store.begin_write().await.unwrap();
+            // What SQLite does when a COMMIT fails for a full disk or an I/O error: it rolls
+            // the transaction back itself, behind sqlx's back.
+            sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+        }
+        for n in 0..2u8 {
+            store
+                .create_device(&format!("d{n}"), None, "{}", &[n], 0)
+                .await
+                .expect("a write after the failed transaction");
+        }
+        let devices: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
+            .fetch_one(&store.read)
+            .await
+            .unwrap();
+        assert_eq!(devices, 2);
     }
 
     #[tokio::test]
@@ -156,7 +257,9 @@ mod tests {
         let (dir, store) = open(Synchronous::Full).await;
         store.close().await;
         let url = format!("sqlite://{}/data/g.db", dir.path().display());
-        let again = Store::open(&url, Synchronous::Full).await.unwrap();
+        let again = Store::open(&url, Synchronous::Full, DEFAULT_WAL_MAX_BYTES)
+            .await
+            .unwrap();
         let tables: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
              AND name IN ('devices', 'telemetry', 'sessions', 'commands')",

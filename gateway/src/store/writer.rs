@@ -5,6 +5,13 @@
 //! more), writes them in one `BEGIN IMMEDIATE` transaction with one multi-row
 //! insert, commits, and only then answers each telemetry job. When it falls
 //! behind, the channel fills and sessions stop reading their sockets.
+//!
+//! A failed commit (disk full, I/O error) answers every job in its batch with a
+//! failure and nothing else: the next batch starts afresh, so writing resumes by
+//! itself once the fault clears. The writer also keeps the WAL small: when it has been
+//! idle for a moment it checkpoints and truncates the WAL (giving a burst's space back),
+//! and if readers ever keep SQLite's own checkpoints from restarting the WAL until it
+//! outgrows its limit, it forces a checkpoint that waits for them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +22,7 @@ use tokio::time::Instant;
 use super::commands::{CommandOp, CommandOutcome};
 use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
-use super::{Store, StoreError};
+use super::{Checkpoint, Store, StoreError};
 use crate::device::protocol::Point;
 use crate::events::{EventKind, Events, Payload};
 use crate::metrics::METRICS;
@@ -56,12 +63,20 @@ impl WriteJob {
 /// Resolves when the writer has committed everything and stopped.
 pub type WriterTask = oneshot::Receiver<()>;
 
+/// How long the writer waits without work before it truncates the WAL.
+pub const IDLE_CHECKPOINT: Duration = Duration::from_secs(1);
+/// After a forced checkpoint that readers blocked, how long before the next try (each
+/// try may wait up to the busy timeout, and commits wait with it).
+const FORCED_CHECKPOINT_RETRY: Duration = Duration::from_secs(30);
+
 /// How the writer batches.
 #[derive(Debug, Clone, Copy)]
 pub struct WriterConfig {
     pub max_rows: usize,
     pub max_delay: Duration,
     pub queue: usize,
+    /// Idle time after which the WAL is checkpointed and truncated ([`IDLE_CHECKPOINT`]).
+    pub idle_checkpoint: Duration,
 }
 
 /// The sending side, cloned into every session.
@@ -132,7 +147,23 @@ async fn run(
     events: &Events,
 ) {
     let mut batch: Vec<WriteJob> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    // Something was committed since the WAL was last truncated.
+    let mut wal_dirty = false;
+    let mut next_forced = Instant::now();
+    loop {
+        let first = if wal_dirty {
+            match tokio::time::timeout(config.idle_checkpoint, rx.recv()).await {
+                Ok(job) => job,
+                Err(_) => {
+                    wal_dirty = false;
+                    checkpoint(&store, "idle").await;
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(first) = first else { break };
         let mut rows = first.rows();
         batch.push(first);
         let deadline = Instant::now() + config.max_delay;
@@ -196,8 +227,47 @@ async fn run(
         }
         // After the acks: live events never delay an ack.
         events.publish_all(committed.into_iter().flat_map(telemetry_events));
+        if ok {
+            wal_dirty = true;
+            // SQLite's passive checkpoints cannot restart a WAL that readers are still in;
+            // past the limit, wait for them (new commits wait too) rather than grow on.
+            let wal_bytes = store.wal_bytes();
+            METRICS.wal_bytes.set(wal_bytes as i64);
+            if wal_bytes > store.wal_max_bytes() && Instant::now() >= next_forced {
+                if checkpoint(&store, "limit").await {
+                    wal_dirty = false;
+                } else {
+                    next_forced = Instant::now() + FORCED_CHECKPOINT_RETRY;
+                }
+            }
+        }
     }
     tracing::debug!("telemetry writer stopped");
+}
+
+/// Checkpoints and truncates the WAL; whether it is now empty. A failure is logged and
+/// left for the next attempt (with a full disk, the database file may not be able to grow).
+async fn checkpoint(store: &Store, why: &'static str) -> bool {
+    let before = store.wal_bytes();
+    match store.truncate_wal().await {
+        Ok(Checkpoint::Truncated) => {
+            METRICS.wal_bytes.set(0);
+            tracing::debug!(why, wal_bytes = before, "WAL checkpointed and truncated");
+            true
+        }
+        Ok(Checkpoint::Blocked) => {
+            tracing::warn!(
+                why,
+                wal_bytes = store.wal_bytes(),
+                "WAL checkpoint incomplete: a reader kept an older snapshot open"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(why, error = %e, "WAL checkpoint failed");
+            false
+        }
+    }
 }
 
 /// One `telemetry` event per committed point.
@@ -302,15 +372,20 @@ mod tests {
     async fn commits_then_acks_and_stores_duplicates_once() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/t.db", dir.path().display());
-        let store = Store::open(&url, crate::config::Synchronous::Full)
-            .await
-            .unwrap();
+        let store = Store::open(
+            &url,
+            crate::config::Synchronous::Full,
+            crate::store::DEFAULT_WAL_MAX_BYTES,
+        )
+        .await
+        .unwrap();
         let (writer, task) = Writer::spawn(
             store.clone(),
             WriterConfig {
                 max_rows: 100,
                 max_delay: Duration::ZERO,
                 queue: 16,
+                idle_checkpoint: IDLE_CHECKPOINT,
             },
             Arc::new(Events::new(100, 1)),
         );
@@ -341,6 +416,100 @@ mod tests {
         assert_eq!(rows.len(), 2, "a re-sent id is stored once");
         assert_eq!(rows[0].data, r#"{"v":1}"#);
         assert_eq!((rows[0].seq, rows[1].seq), (0, 1));
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_truncates_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        let store = Store::open(
+            &url,
+            crate::config::Synchronous::Full,
+            crate::store::DEFAULT_WAL_MAX_BYTES,
+        )
+        .await
+        .unwrap();
+        let (writer, task) = Writer::spawn(
+            store.clone(),
+            WriterConfig {
+                max_rows: 100,
+                max_delay: Duration::ZERO,
+                queue: 16,
+                idle_checkpoint: Duration::from_millis(50),
+            },
+            Arc::new(Events::new(100, 1)),
+        );
+        let (j, rx) = job(7, "m", &[(Some(1), r#"{"v":1}"#)]);
+        writer.submit(j).await.unwrap();
+        assert!(rx.await.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.wal_bytes() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "WAL still {} bytes",
+                store.wal_bytes()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The data went into the database file, not away.
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+            .fetch_one(&store.read)
+            .await
+            .unwrap();
+        assert_eq!(rows, 1);
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wal_past_its_limit_is_truncated_once_readers_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/t.db", dir.path().display());
+        let limit = 64 * 1024;
+        let store = Store::open(&url, crate::config::Synchronous::Normal, limit)
+            .await
+            .unwrap();
+        let (writer, task) = Writer::spawn(
+            store.clone(),
+            WriterConfig {
+                max_rows: 100,
+                max_delay: Duration::ZERO,
+                queue: 16,
+                // Never idle long enough: only the limit can truncate here.
+                idle_checkpoint: Duration::from_secs(3600),
+            },
+            Arc::new(Events::new(100, 1)),
+        );
+        // A reader holding an old snapshot: no checkpoint can reset the WAL meanwhile.
+        let mut reader = store.read.begin().await.unwrap();
+        let _: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
+            .fetch_one(&mut *reader)
+            .await
+            .unwrap();
+        let data = format!(r#"{{"pad":"{}"}}"#, "z".repeat(3000));
+        let mut n = 0;
+        while store.wal_bytes() <= limit {
+            assert!(n < 1000, "the WAL does not grow");
+            let (j, rx) = job(7, &format!("m{n}"), &[(Some(n), data.as_str())]);
+            writer.submit(j).await.unwrap();
+            assert!(rx.await.unwrap());
+            n += 1;
+        }
+        // The writer now waits for the reader (up to the busy timeout) to truncate the WAL.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(store.wal_bytes() > limit, "truncated under a reader");
+        reader.rollback().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.wal_bytes() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "WAL still {} bytes after the reader left",
+                store.wal_bytes()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         drop(writer);
         task.await.unwrap();
     }
