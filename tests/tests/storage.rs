@@ -124,6 +124,13 @@ async fn full_disk_answers_internal_and_recovers_when_space_returns() {
     assert_eq!(api.device("disk-a").await["online"], true);
     assert_stored_once(&gw, "disk-a", &acked).await;
     assert_eq!(api.get_root("/healthz").await.status, 200);
+    // Alive, but not ready: a load balancer should send devices elsewhere meanwhile.
+    let ready = api.get_root("/readyz").await;
+    assert_eq!(
+        ready.status, 503,
+        "/readyz with the disk full: {}",
+        ready.raw
+    );
     assert!(gw.is_running(), "the gateway died with the disk full");
 
     // Space returns: the same connections, without a restart, are served again. The refused
@@ -143,6 +150,7 @@ async fn full_disk_answers_internal_and_recovers_when_space_returns() {
     b.send_acked(&padded("b-0")).await;
     assert_stored_once(&gw, "disk-a", &acked).await;
     assert_stored_once(&gw, "disk-b", &HashSet::from(["b-0".to_string()])).await;
+    assert_eq!(api.get_root("/readyz").await.status, 200, "ready again");
 
     // SQLite cannot open the database through `/proc/PID/root` (it resolves the link to the
     // test's own view), so the check reads a copy, taken once the idle writer has emptied the
@@ -167,6 +175,15 @@ async fn full_disk_answers_internal_and_recovers_when_space_returns() {
         stderr.contains("database or disk is full"),
         "the failed commits are not logged:\n{stderr}"
     );
+    // Logged when a run of failures starts (then at most every 10 s), not per batch: 22
+    // refusals, a line or two (a small commit may fit in the WAL meanwhile, ending a run).
+    let logged = stderr.matches("batch commit failed").count();
+    assert!(
+        (1..=3).contains(&logged),
+        "{logged} failed-commit lines for {} refusals:\n{stderr}",
+        refused.len() + 1
+    );
+    assert!(stderr.contains("commits succeed again"), "{stderr}");
     eprintln!(
         "full disk: {filled} filler bytes, {acked_while_full} acked after filling, {} + 1 \
          refused with `internal`, all stored once after the space returned",

@@ -53,6 +53,11 @@ pub struct Commands {
 }
 
 impl Commands {
+    /// True while the database cannot be written (the last batch failed to commit).
+    pub fn storage_failing(&self) -> bool {
+        self.writer.failing()
+    }
+
     /// Starts the timer task and re-arms the timers of every command left open by the last run.
     pub async fn start(
         store: Store,

@@ -13,6 +13,7 @@
 //! and if readers ever keep SQLite's own checkpoints from restarting the WAL until it
 //! outgrows its limit, it forces a checkpoint that waits for them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +61,48 @@ impl WriteJob {
     }
 }
 
+/// While commits keep failing, one error line per this interval (with the count) is enough.
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs of failed commits: flagged for readiness, logged at their start, then sparingly,
+/// and when commits succeed again.
+struct Failures {
+    failing: Arc<AtomicBool>,
+    /// Failed batches in the current run, and when one was last logged.
+    run: Option<(u64, Instant)>,
+}
+
+impl Failures {
+    fn new(failing: Arc<AtomicBool>) -> Failures {
+        Failures { failing, run: None }
+    }
+
+    fn failed(&mut self, error: &StoreError, rows: usize) {
+        self.failing.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        match &mut self.run {
+            Some((count, logged)) => {
+                *count += 1;
+                if now.duration_since(*logged) >= FAILURE_LOG_EVERY {
+                    tracing::error!(%error, rows, failed_batches = *count, "batch commits still failing; nothing in them was acked");
+                    *logged = now;
+                }
+            }
+            None => {
+                tracing::error!(%error, rows, "batch commit failed; nothing in it was acked");
+                self.run = Some((1, now));
+            }
+        }
+    }
+
+    fn committed(&mut self) {
+        if let Some((count, _)) = self.run.take() {
+            self.failing.store(false, Ordering::Relaxed);
+            tracing::info!(failed_batches = count, "commits succeed again");
+        }
+    }
+}
+
 /// Resolves when the writer has committed everything and stopped.
 pub type WriterTask = oneshot::Receiver<()>;
 
@@ -83,6 +126,8 @@ pub struct WriterConfig {
 #[derive(Debug, Clone)]
 pub struct Writer {
     tx: mpsc::Sender<WriteJob>,
+    /// The last batch failed to commit (disk full, I/O error): readiness reports it.
+    failing: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -94,6 +139,8 @@ impl Writer {
     pub fn spawn(store: Store, config: WriterConfig, events: Arc<Events>) -> (Writer, WriterTask) {
         let (tx, rx) = mpsc::channel(config.queue);
         let (finished, task) = oneshot::channel();
+        let failing = Arc::new(AtomicBool::new(false));
+        let health = Failures::new(failing.clone());
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -101,11 +148,16 @@ impl Writer {
         std::thread::Builder::new()
             .name("telemetry-writer".into())
             .spawn(move || {
-                runtime.block_on(run(store, config, rx, &events));
+                runtime.block_on(run(store, config, rx, &events, health));
                 let _ = finished.send(());
             })
             .expect("spawning the writer thread");
-        (Writer { tx }, task)
+        (Writer { tx, failing }, task)
+    }
+
+    /// True while commits fail (from a failed batch until the next one that commits).
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 
     /// Queues a job, waiting while the queue is full (this is the backpressure).
@@ -145,6 +197,7 @@ async fn run(
     config: WriterConfig,
     mut rx: mpsc::Receiver<WriteJob>,
     events: &Events,
+    mut health: Failures,
 ) {
     let mut batch: Vec<WriteJob> = Vec::new();
     // Something was committed since the WAL was last truncated.
@@ -190,6 +243,7 @@ async fn run(
         let ok = match &outcome {
             Ok(_) => {
                 METRICS.batch_rows.observe(rows as f64);
+                health.committed();
                 tracing::trace!(
                     rows,
                     elapsed_us = started.elapsed().as_micros() as u64,
@@ -199,7 +253,7 @@ async fn run(
             }
             Err(e) => {
                 METRICS.commit_failures.inc();
-                tracing::error!(error = %e, rows, "batch commit failed; nothing in it was acked");
+                health.failed(e, rows);
                 false
             }
         };
