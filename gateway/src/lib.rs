@@ -170,6 +170,13 @@ impl Gateway {
             device_listener,
             api_listener,
         } = self;
+        #[cfg(feature = "conformance")]
+        if settings.conformance_echo {
+            tracing::warn!(
+                "conformance echo mode: devices are NOT authenticated and every message is \
+                 echoed back; for the Autobahn suite only"
+            );
+        }
         let stale = store.close_stale_sessions(time::now_ms()).await?;
         if stale > 0 {
             tracing::info!(
