@@ -32,9 +32,10 @@ for target in "${targets[@]}"; do
     if ! cargo fuzz run "${flags[@]}" "$target" "corpus/$target" "seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -print_final_stats=1 \
         -dict="$PWD/dicts/$target.dict" >"$log" 2>&1; then
-        tail -n 40 "$log"
-        echo "fuzz: $target FAILED; the input is in gateway/fuzz/artifacts/$target/;" \
-            "reproduce with: cargo fuzz run $target artifacts/$target/<file>"
+        grep -E -A8 "panicked at|^==[0-9]+== ?ERROR" "$log" | head -n 30 || tail -n 30 "$log"
+        artifact="$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | head -n 1)"
+        echo "fuzz: $target FAILED; input: ${artifact:-gateway/fuzz/artifacts/$target/}"
+        echo "fuzz: replay with: cd gateway/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $target ${artifact:-<input>}"
         rm -f "$log"
         exit 1
     fi
