@@ -7,7 +7,8 @@
 //! - [`tls`]: the rustls `ServerConfig`, from PEM files or a generated development CA.
 //! - [`device`]: the device side: `listener` (accept loop), `handshake` (upgrade and
 //!   auth), `session` (one task per device), `protocol` (message types and validation),
-//!   `limits` (admission and rate limits).
+//!   `limits` (admission and rate limits); with the `conformance` cargo feature only,
+//!   `conformance` (the echo mode for the Autobahn suite, `tests/autobahn`).
 //! - [`commands`]: operator commands: queueing, the delivery window, device answers,
 //!   expiry and timeout timers, waiting for an outcome.
 //! - [`events`]: the bounded live event log behind `GET /v1/events`.
