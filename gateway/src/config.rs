@@ -212,6 +212,10 @@ pub struct ServeArgs {
     /// Log format on stderr: text or json [default: text].
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Conformance testing only: no device authentication, every message echoed back.
+    #[cfg(feature = "conformance")]
+    #[arg(long)]
+    pub conformance_echo: bool,
 }
 
 /// The same settings as read from a TOML file.
@@ -294,6 +298,9 @@ pub struct Settings {
     pub wal_max_bytes: u64,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// Echo mode for the Autobahn suite (feature `conformance` only).
+    #[cfg(feature = "conformance")]
+    pub conformance_echo: bool,
 }
 
 impl Default for Settings {
@@ -330,6 +337,8 @@ impl Default for Settings {
             wal_max_bytes: crate::store::DEFAULT_WAL_MAX_BYTES,
             shutdown_grace: Duration::from_secs(10),
             log_format: LogFormat::Text,
+            #[cfg(feature = "conformance")]
+            conformance_echo: false,
         }
     }
 }
@@ -494,6 +503,8 @@ impl Settings {
                 .log_format
                 .or(file_value("log_format", file.log_format)?)
                 .unwrap_or(d.log_format),
+            #[cfg(feature = "conformance")]
+            conformance_echo: args.conformance_echo,
         };
         settings.validate()?;
         Ok(settings)
@@ -699,5 +710,22 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("device_ca"), "{err}");
+    }
+
+    /// The conformance echo mode (no authentication) is not even a flag in a default build.
+    #[cfg(not(feature = "conformance"))]
+    #[test]
+    fn no_conformance_echo_flag_in_a_default_build() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        assert!(Cli::try_parse_from(["gateway", "--no-tls"]).is_ok());
+        let err = Cli::try_parse_from(["gateway", "--conformance-echo"])
+            .err()
+            .expect("--conformance-echo is refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 }

@@ -9,7 +9,8 @@
 //! - [`device_certs`]: a device CA and per-device client certificates (`gateway certs`).
 //! - [`device`]: the device side: `listener` (accept loop), `handshake` (upgrade and
 //!   auth), `session` (one task per device), `protocol` (message types and validation),
-//!   `limits` (admission and rate limits).
+//!   `limits` (admission and rate limits); with the `conformance` cargo feature only,
+//!   `conformance` (the echo mode for the Autobahn suite, `tests/autobahn`).
 //! - [`commands`]: operator commands: queueing, the delivery window, device answers,
 //!   expiry and timeout timers, waiting for an outcome.
 //! - [`events`]: the bounded live event log behind `GET /v1/events`.
@@ -191,6 +192,13 @@ impl Gateway {
             device_listener,
             api_listener,
         } = self;
+        #[cfg(feature = "conformance")]
+        if settings.conformance_echo {
+            tracing::warn!(
+                "conformance echo mode: devices are NOT authenticated and every message is \
+                 echoed back; for the Autobahn suite only"
+            );
+        }
         let stale = store.close_stale_sessions(time::now_ms()).await?;
         if stale > 0 {
             tracing::info!(

@@ -157,6 +157,10 @@ async fn upgrade<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    #[cfg(feature = "conformance")]
+    if ctx.settings.conformance_echo {
+        return super::conformance::echo(stream, peer, ctx).await;
+    }
     let admission = match ctx.limits.admit(peer.ip()) {
         Ok(a) => a,
         Err(refused) => {

@@ -1,5 +1,7 @@
 //! The device side: accept loop, upgrade handshake and authentication, one session task per device.
 
+#[cfg(feature = "conformance")]
+mod conformance;
 pub mod handshake;
 pub mod limits;
 pub mod listener;

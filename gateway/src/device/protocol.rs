@@ -432,3 +432,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[path = "protocol_roundtrip.rs"]
+mod roundtrip;

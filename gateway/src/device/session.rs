@@ -242,6 +242,21 @@ where
         tracing::debug!(reason = ending.reason, "device disconnected");
     }
 
+    /// The conformance echo mode's session: no welcome, no presence, no commands; the
+    /// frames go through [`serve`](Self::serve) like a device's (see `device::conformance`).
+    #[cfg(feature = "conformance")]
+    pub(super) async fn run_echo(mut self) {
+        let ending = self.serve().await;
+        if let Some((code, text)) = ending.close {
+            self.close(code, text).await;
+        }
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.ws.get_mut().shutdown(),
+        )
+        .await;
+    }
+
     fn publish_presence(&self, kind: EventKind, at: i64, reason: Option<&'static str>) {
         self.ctx.events.publish(
             kind,
@@ -326,6 +341,12 @@ where
         };
         self.last_frame = Instant::now();
         self.handle.touch(now_ms());
+        #[cfg(feature = "conformance")]
+        if self.ctx.settings.conformance_echo {
+            if let Message::Text(_) | Message::Binary(_) = message {
+                return self.ws.send(message).await.err().map(|_| Ending::lost());
+            }
+        }
         match message {
             Message::Text(text) => self.on_text(text.as_str()).await,
             Message::Binary(_) => Some(Ending::close(
