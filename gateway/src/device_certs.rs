@@ -4,10 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use chrono::{Datelike, Days, NaiveDate, Utc};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose};
 
 use crate::api::valid_device_id;
 use crate::tls::{write_file, TlsError};
@@ -66,16 +63,7 @@ pub fn create_device_ca(dir: &Path, days: u32) -> Result<PathBuf, CertsError> {
         path: dir.to_owned(),
         source,
     })?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "iot-gateway device CA");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut params = crate::tls::ca_params("iot-gateway device CA")?;
     validity(&mut params, days)?;
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;

@@ -93,6 +93,21 @@ pub(crate) fn write_file(path: &Path, contents: &str, private: bool) -> Result<(
     Ok(())
 }
 
+/// A CA certificate's parameters (no intermediates below it); validity is the caller's.
+pub(crate) fn ca_params(common_name: &str) -> Result<CertificateParams, rcgen::Error> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
 /// Generates `ca.pem`, `ca-key.pem`, `server.pem` and `server-key.pem` (ECDSA P-256).
 pub fn generate_dev_certs(dir: &Path) -> Result<(), TlsError> {
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
@@ -101,16 +116,7 @@ pub fn generate_dev_certs(dir: &Path) -> Result<(), TlsError> {
     })?;
     let year = chrono::Utc::now().year();
 
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "iot-gateway development CA");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let mut ca_params = ca_params("iot-gateway development CA")?;
     ca_params.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
     ca_params.not_after = rcgen::date_time_ymd(year + 10, 1, 1);
     let ca_key = KeyPair::generate()?;

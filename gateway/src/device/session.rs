@@ -195,15 +195,7 @@ where
         if let Err(e) = self.ctx.commands.requeue(unsent).await {
             tracing::warn!(error = %e, "cannot requeue commands the session did not write");
         }
-        if let Some((code, text)) = ending.close {
-            self.close(code, text).await;
-        }
-        // End TLS properly (close_notify), so clients see a clean close, not a truncation.
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            self.ws.get_mut().shutdown(),
-        )
-        .await;
+        self.finish(ending.close).await;
         let disconnected_at = now_ms();
         let end = SessionEnd {
             session_id: self.me.session_id.clone(),
@@ -247,7 +239,13 @@ where
     #[cfg(feature = "conformance")]
     pub(super) async fn run_echo(mut self) {
         let ending = self.serve().await;
-        if let Some((code, text)) = ending.close {
+        self.finish(ending.close).await;
+    }
+
+    /// Sends the gateway's close frame, if it closes, then ends TLS properly (close_notify),
+    /// so clients see a clean close, not a truncation.
+    async fn finish(&mut self, close: Option<(u16, &'static str)>) {
+        if let Some((code, text)) = close {
             self.close(code, text).await;
         }
         let _ = tokio::time::timeout(

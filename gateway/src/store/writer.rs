@@ -412,6 +412,30 @@ mod tests {
         (job, rx)
     }
 
+    /// A store in `dir` (WAL limit `wal_max_bytes`) and its writer, truncating the WAL
+    /// after `idle_checkpoint` without work.
+    async fn writer_on(
+        dir: &std::path::Path,
+        wal_max_bytes: u64,
+        idle_checkpoint: Duration,
+    ) -> (Store, Writer, WriterTask) {
+        let url = format!("sqlite://{}/t.db", dir.display());
+        let store = Store::open(&url, crate::config::Synchronous::Full, wal_max_bytes)
+            .await
+            .unwrap();
+        let (writer, task) = Writer::spawn(
+            store.clone(),
+            WriterConfig {
+                max_rows: 100,
+                max_delay: Duration::ZERO,
+                queue: 16,
+                idle_checkpoint,
+            },
+            Arc::new(Events::new(100, 1)),
+        );
+        (store, writer, task)
+    }
+
     #[test]
     fn rows_carry_seq_and_receive_time_default() {
         let (a, _) = job(1, "m1", &[(Some(10), r#"{"t":1}"#), (None, r#"{"t":2}"#)]);
@@ -425,24 +449,12 @@ mod tests {
     #[tokio::test]
     async fn commits_then_acks_and_stores_duplicates_once() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/t.db", dir.path().display());
-        let store = Store::open(
-            &url,
-            crate::config::Synchronous::Full,
+        let (store, writer, task) = writer_on(
+            dir.path(),
             crate::store::DEFAULT_WAL_MAX_BYTES,
+            IDLE_CHECKPOINT,
         )
-        .await
-        .unwrap();
-        let (writer, task) = Writer::spawn(
-            store.clone(),
-            WriterConfig {
-                max_rows: 100,
-                max_delay: Duration::ZERO,
-                queue: 16,
-                idle_checkpoint: IDLE_CHECKPOINT,
-            },
-            Arc::new(Events::new(100, 1)),
-        );
+        .await;
         let mut waits = Vec::new();
         for _ in 0..3 {
             let (j, rx) = job(
@@ -477,24 +489,12 @@ mod tests {
     #[tokio::test]
     async fn an_idle_writer_truncates_the_wal() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/t.db", dir.path().display());
-        let store = Store::open(
-            &url,
-            crate::config::Synchronous::Full,
+        let (store, writer, task) = writer_on(
+            dir.path(),
             crate::store::DEFAULT_WAL_MAX_BYTES,
+            Duration::from_millis(50),
         )
-        .await
-        .unwrap();
-        let (writer, task) = Writer::spawn(
-            store.clone(),
-            WriterConfig {
-                max_rows: 100,
-                max_delay: Duration::ZERO,
-                queue: 16,
-                idle_checkpoint: Duration::from_millis(50),
-            },
-            Arc::new(Events::new(100, 1)),
-        );
+        .await;
         let (j, rx) = job(7, "m", &[(Some(1), r#"{"v":1}"#)]);
         writer.submit(j).await.unwrap();
         assert!(rx.await.unwrap());
@@ -520,22 +520,9 @@ mod tests {
     #[tokio::test]
     async fn a_wal_past_its_limit_is_truncated_once_readers_let_go() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/t.db", dir.path().display());
         let limit = 64 * 1024;
-        let store = Store::open(&url, crate::config::Synchronous::Normal, limit)
-            .await
-            .unwrap();
-        let (writer, task) = Writer::spawn(
-            store.clone(),
-            WriterConfig {
-                max_rows: 100,
-                max_delay: Duration::ZERO,
-                queue: 16,
-                // Never idle long enough: only the limit can truncate here.
-                idle_checkpoint: Duration::from_secs(3600),
-            },
-            Arc::new(Events::new(100, 1)),
-        );
+        // Never idle long enough: only the limit can truncate here.
+        let (store, writer, task) = writer_on(dir.path(), limit, Duration::from_secs(3600)).await;
         // A reader holding an old snapshot: no checkpoint can reset the WAL meanwhile.
         let mut reader = store.read.begin().await.unwrap();
         let _: i64 = sqlx::query_scalar("SELECT count(*) FROM telemetry")
