@@ -365,6 +365,14 @@ pub async fn wait_all_online(api: &Api, ids: &[String], timeout: Duration) {
     .await;
 }
 
+/// Waits until the API lists no device as online; panics after `timeout`.
+pub async fn wait_none_online(api: &Api, timeout: Duration) {
+    eventually("no device online", timeout, || async {
+        online_ids(api).await.is_empty().then_some(())
+    })
+    .await;
+}
+
 /// The `counter` of every stored reading of a device, oldest first (by `ts`).
 pub async fn stored_counters(api: &Api, device: &str) -> Vec<u64> {
     api.telemetry_all(device, "order=asc")

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use e2e::sim::{
-    assert_gapless, device_addr, fleet_ids, online_ids, stored_counters, wait_all_online, Relay,
-    Sim,
+    assert_gapless, device_addr, fleet_ids, online_ids, stored_counters, wait_all_online,
+    wait_none_online, Relay, Sim,
 };
 use e2e::{assert_close_to_now, assert_rfc3339_ms, eventually, json, time_field};
 use e2e::{Api, Cli, Gateway, Options, Value};
@@ -112,10 +112,7 @@ async fn every_device_comes_online_and_its_readings_are_stored() {
 
     // Stopped devices close their connections, and what they stored is each device's readings
     // from the first on, each once.
-    eventually("no device online", ONLINE_WAIT, || async {
-        online_ids(&api).await.is_empty().then_some(())
-    })
-    .await;
+    wait_none_online(&api, ONLINE_WAIT).await;
     assert_eq!(
         api.device("sim-00007").await["last_disconnect_reason"],
         "client_closed"
@@ -625,10 +622,7 @@ async fn idle_holds_more_connections_than_one_process_may_open_files_for() {
         out.stdout,
         out.stderr
     );
-    eventually("no device online", ONLINE_WAIT, || async {
-        online_ids(&api).await.is_empty().then_some(())
-    })
-    .await;
+    wait_none_online(&api, ONLINE_WAIT).await;
     assert_eq!(
         api.device("sim-00999").await["last_disconnect_reason"],
         "client_closed"
