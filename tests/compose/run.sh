@@ -2,7 +2,9 @@
 # The docker-compose demo, for real (tests/tests/compose.rs): build the image from the
 # repository's Dockerfile, `up`, check from the host through the API, `down -v`.
 #
-#   tests/compose/run.sh
+#   tests/compose/run.sh            set up what is missing, build, run the test
+#   tests/compose/run.sh prepare    only the engine and the base image (.ci/run starts this in
+#                                   the background while it compiles)
 #
 # What it sets up first, each only when missing:
 # - the engine: `apt-get install docker.io docker-compose debootstrap`, then `dockerd` started
@@ -23,6 +25,13 @@ work="${COMPOSE_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/gateway-compose}"
 mkdir -p "$work"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 base=debian:bookworm-slim
+case "${1:-}" in
+"" | prepare) ;;
+*)
+    echo "usage: $0 [prepare]" >&2
+    exit 2
+    ;;
+esac
 say() { echo "compose: $*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -68,6 +77,8 @@ if ! have_image "$base" && ! try_pull "$base"; then
     as_root tar -C "$rootfs" -c . | docker import - "$base" >/dev/null
     as_root rm -rf "$rootfs"
 fi
+
+[ "${1:-}" = prepare ] && exit 0
 
 # The builder.
 rust_image="${RUST_IMAGE:-rust:1-bookworm}"
