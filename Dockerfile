@@ -5,6 +5,8 @@ ARG RUST_IMAGE=rust:1-bookworm
 ARG DEBIAN_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
+# Lets `docker image prune --filter label=iot-gateway.stage=build` find this stage's leftovers.
+LABEL iot-gateway.stage=build
 WORKDIR /src
 COPY . .
 # A builder image that already holds /out/gateway and /out/device-sim skips the compile: the

@@ -131,11 +131,24 @@ impl Drop for Project {
         let _ = Command::new("docker")
             .args(["image", "rm", "-f", &self.image])
             .output();
+        // The legacy builder keeps the build stage as a dangling image.
+        let _ = Command::new("docker")
+            .args([
+                "image",
+                "prune",
+                "-f",
+                "--filter",
+                "label=iot-gateway.stage=build",
+            ])
+            .output();
     }
 }
 
 fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("run docker");
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
     assert!(
         out.status.success(),
         "docker {args:?}: {}",
@@ -164,9 +177,11 @@ async fn online(api: &Api) -> Vec<Value> {
 
 async fn wait_online(api: &Api, want: usize) -> Duration {
     let start = Instant::now();
-    eventually(&format!("{want} devices online"), ONLINE_TIMEOUT, || async {
-        (online(api).await.len() == want).then_some(())
-    })
+    eventually(
+        &format!("{want} devices online"),
+        ONLINE_TIMEOUT,
+        || async { (online(api).await.len() == want).then_some(()) },
+    )
     .await;
     start.elapsed()
 }
@@ -183,7 +198,10 @@ async fn the_compose_demo_runs_a_fleet_that_stores_telemetry_and_answers_command
     let config: Value =
         serde_json::from_str(&docker(&["image", "inspect", &project.image])).unwrap();
     let config = &config[0]["Config"];
-    assert_eq!(config["User"], "gateway", "the image runs as a non-root user");
+    assert_eq!(
+        config["User"], "gateway",
+        "the image runs as a non-root user"
+    );
     assert!(
         config["Volumes"].get("/data").is_some(),
         "/data is a volume: {}",
@@ -221,7 +239,10 @@ async fn the_compose_demo_runs_a_fleet_that_stores_telemetry_and_answers_command
     );
     let up = wait_online(&api, FLEET).await;
     let health = docker(&["inspect", "-f", "{{.State.Health.Status}}", &gateway]);
-    assert_eq!(health, "healthy", "docker's view of the /healthz healthcheck");
+    assert_eq!(
+        health, "healthy",
+        "docker's view of the /healthz healthcheck"
+    );
     let ready = api.get_root("/readyz").await.expect(200);
     assert_eq!(ready["online_devices"], FLEET);
 
