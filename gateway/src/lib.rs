@@ -243,6 +243,10 @@ impl Gateway {
             shutdown: shutdown.clone(),
         });
 
+        let device_endpoint = api::console::DeviceEndpoint {
+            tls: device_tls.is_some(),
+            addr: device_listener.local_addr().expect("bound listener"),
+        };
         let sessions = TaskTracker::new();
         let device_acceptor = device_tls.map(TlsAcceptor::from);
         let accept_loop = tokio::spawn(device::listener::serve(
@@ -259,6 +263,7 @@ impl Gateway {
             events,
             api_key: Arc::new(api_key),
             shutdown: shutdown.clone(),
+            device_endpoint,
         });
         let api_shutdown = shutdown.clone();
         let api_server = match api_tls {
