@@ -78,7 +78,7 @@ export function mountDevice(root, id, { setStreamState }) {
       h('h1', { id: 'device-id' }, d.id),
       d.online ? pill('online', 'ok') : pill('offline', 'muted'),
       d.enabled ? null : pill('disabled', 'bad'),
-      d.name ? h('span', { class: 'device-title-name muted', id: 'device-name' }, d.name) : null);
+      d.name && d.name !== d.id ? h('span', { class: 'device-title-name muted', id: 'device-name' }, d.name) : null);
     title.dataset.online = String(Boolean(d.online));
     const row = (label, value) => [h('dt', {}, label), h('dd', {}, value)];
     const metadata = d.metadata && Object.keys(d.metadata).length

@@ -71,11 +71,12 @@ export function clock(iso) {
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${time}`;
 }
 
-/** "3 s ago", "5 min ago", "2 h ago", "4 d ago". */
+/** "just now", "3 s ago", "5 min ago", "2 h ago", "4 d ago". */
 export function ago(iso, now = Date.now()) {
   const t = Date.parse(iso);
   if (Number.isNaN(t)) return '';
   const s = Math.max(0, Math.round((now - t) / 1000));
+  if (s < 2) return 'just now';
   if (s < 60) return `${s} s ago`;
   if (s < 3600) return `${Math.floor(s / 60)} min ago`;
   if (s < 86400) return `${Math.floor(s / 3600)} h ago`;

@@ -9,7 +9,7 @@ const PAGE = 100;
 /** Mounts the fleet view in `root`; returns its cleanup. */
 export function mountFleet(root, { setStreamState }) {
   const devices = new Map(); // id -> device (as the API shows it, kept current)
-  const rows = new Map(); // id -> <tr>
+  const rows = new Map(); // id -> {tr, and its cells}
   let cursor = null;
   let loaded = false;
   let pending = []; // events that arrived while the list was loading
@@ -36,28 +36,43 @@ export function mountFleet(root, { setStreamState }) {
       status),
     h('div', { class: 'more' }, more));
 
+  // Rows are built once and their cells updated in place: a busy fleet re-renders often,
+  // and a link replaced under the pointer would swallow the operator's click.
   function render(d) {
-    let tr = rows.get(d.id);
-    const cells = [
-      h('td', {},
-        h('a', { class: 'device-link', href: `#/devices/${encodeURIComponent(d.id)}` }, d.id),
-        d.name ? h('div', { class: 'muted small device-name' }, d.name) : null),
-      h('td', { class: 'state' }, d.online ? pill('online', 'ok') : pill('offline', 'muted'),
-        d.enabled === false ? pill('disabled', 'bad') : null),
-      h('td', { class: 'last-seen' }, relTime(d.last_seen_at)),
-      h('td', {}, d.online && d.last_connected_at ? clock(d.last_connected_at) : h('span', { class: 'muted' }, '—')),
-      h('td', { class: 'last-disconnect' }, d.last_disconnect_reason
-        ? [h('span', { class: 'reason' }, d.last_disconnect_reason), ' ', h('span', { class: 'muted small' }, clock(d.last_disconnected_at))]
-        : h('span', { class: 'muted' }, '—')),
-    ];
-    if (!tr) {
-      tr = h('tr', { dataset: { deviceId: d.id } });
-      rows.set(d.id, tr);
-      tbody.append(tr);
+    let r = rows.get(d.id);
+    if (!r) {
+      r = {
+        tr: h('tr', { dataset: { deviceId: d.id } }),
+        device: h('td', {}),
+        state: h('td', { class: 'state' }),
+        seen: h('td', { class: 'last-seen' }),
+        connected: h('td', { class: 'connected' }),
+        disconnect: h('td', { class: 'last-disconnect' }),
+      };
+      r.tr.append(r.device, r.state, r.seen, r.connected, r.disconnect);
+      rows.set(d.id, r);
+      tbody.append(r.tr);
     }
-    tr.dataset.online = String(Boolean(d.online));
-    fill(tr, cells);
-    applyFilterTo(d, tr);
+    fill(r.device,
+      h('a', { class: 'device-link', href: `#/devices/${encodeURIComponent(d.id)}` }, d.id),
+      d.name && d.name !== d.id ? h('div', { class: 'muted small device-name' }, d.name) : null);
+    renderPresence(d, r);
+    applyFilterTo(d, r.tr);
+  }
+
+  function renderPresence(d, r) {
+    r.tr.dataset.online = String(Boolean(d.online));
+    fill(r.state, d.online ? pill('online', 'ok') : pill('offline', 'muted'),
+      d.enabled === false ? pill('disabled', 'bad') : null);
+    renderSeen(d, r);
+    fill(r.connected, d.online && d.last_connected_at ? clock(d.last_connected_at) : h('span', { class: 'muted' }, '—'));
+    fill(r.disconnect, d.last_disconnect_reason
+      ? [h('span', { class: 'reason' }, d.last_disconnect_reason), ' ', h('span', { class: 'muted small' }, clock(d.last_disconnected_at))]
+      : h('span', { class: 'muted' }, '—'));
+  }
+
+  function renderSeen(d, r) {
+    fill(r.seen, relTime(d.last_seen_at));
   }
 
   function applyFilterTo(d, tr) {
@@ -67,7 +82,7 @@ export function mountFleet(root, { setStreamState }) {
   }
 
   function applyFilter() {
-    for (const [id, tr] of rows) applyFilterTo(devices.get(id), tr);
+    for (const [id, r] of rows) applyFilterTo(devices.get(id), r.tr);
   }
 
   function updateSummary() {
@@ -135,23 +150,28 @@ export function mountFleet(root, { setStreamState }) {
       if (type === 'device.connected' && !cursor) reloadSoon();
       return;
     }
+    const r = rows.get(d.id);
     switch (type) {
       case 'device.connected':
         Object.assign(d, { online: true, last_connected_at: p.at, last_seen_at: p.at });
+        renderPresence(d, r);
         break;
       case 'device.disconnected':
         Object.assign(d, {
           online: false, last_disconnected_at: p.at, last_disconnect_reason: p.reason,
         });
+        renderPresence(d, r);
         break;
       case 'telemetry':
-        if (!d.last_seen_at || p.received_at > d.last_seen_at) d.last_seen_at = p.received_at;
-        else return;
-        break;
+        if (!d.last_seen_at || p.received_at > d.last_seen_at) {
+          d.last_seen_at = p.received_at;
+          renderSeen(d, r);
+        }
+        return;
       default:
         return;
     }
-    render(d);
+    applyFilterTo(d, r.tr);
     updateSummary();
   }
 
