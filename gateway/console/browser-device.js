@@ -265,7 +265,7 @@ export function mountBrowserDevice(root) {
         h('p', { class: 'muted lead' }, 'A device running in this page on the browser\'s WebSocket API. '
           + 'It authenticates with the bearer.<token> subprotocol, sends telemetry and answers commands '
           + '(ping, set_interval, fail; anything else is rejected as unknown). Watch it from the fleet.'))),
-    h('div', { class: 'grid' },
+    h('div', { class: 'grid grid-even' },
       h('div', { class: 'stack' },
         card('Connection', null, form),
         card('Telemetry', null,
@@ -290,7 +290,11 @@ export function mountBrowserDevice(root) {
     fill(counts,
       h('span', {}, 'Sent ', h('strong', { id: 'bd-sent' }, String(device.sent))),
       h('span', {}, 'Acked ', h('strong', { id: 'bd-acked' }, String(device.acked))),
-      h('span', {}, 'Commands answered ', h('strong', { id: 'bd-answered' }, String(device.answered.size))));
+      h('span', {}, 'Commands answered ', h('strong', { id: 'bd-answered' }, String(device.answered.size))),
+      h('span', {}, 'Interval ', h('strong', { id: 'bd-interval-ms' }, `${device.intervalMs} ms`)));
+    if (Array.from(interval.options).some((o) => o.value === String(device.intervalMs))) {
+      interval.value = String(device.intervalMs);
+    }
     counts.dataset.sent = String(device.sent);
     counts.dataset.acked = String(device.acked);
     fill(logList, device.log.length ? device.log.map((e) =>

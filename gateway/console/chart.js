@@ -89,17 +89,18 @@ export class LiveChart {
     let hi = Math.max(...visible.map((p) => p.v));
     if (!visible.length) { lo = 0; hi = 1; }
     if (hi - lo < 1e-9) { lo -= 1; hi += 1; }
-    const span = hi - lo;
-    lo -= span * 0.1;
-    hi += span * 0.1;
+    // Round ticks (1, 2 or 5 times a power of ten) that enclose the data.
+    const tick = niceStep((hi - lo) / 4);
+    lo = Math.floor(lo / tick) * tick;
+    hi = Math.ceil(hi / tick) * tick;
     const y = (v) => PAD.top + (1 - (v - lo) / (hi - lo)) * plotH;
 
     const parts = [];
-    for (let i = 0; i <= 4; i += 1) {
-      const v = lo + ((hi - lo) * i) / 4;
+    const decimals = Math.max(0, -Math.floor(Math.log10(tick) + 1e-9));
+    for (let v = lo; v <= hi + tick / 2; v += tick) {
       const yy = y(v);
       parts.push(svg('line', { class: 'grid', x1: PAD.left, x2: width - PAD.right, y1: yy, y2: yy }));
-      parts.push(svg('text', { class: 'axis', x: PAD.left - 8, y: yy + 4, 'text-anchor': 'end' }, formatValue(v, hi - lo)));
+      parts.push(svg('text', { class: 'axis', x: PAD.left - 8, y: yy + 4, 'text-anchor': 'end' }, v.toFixed(decimals)));
     }
     const step = tickStep(this.windowMs);
     for (let t = Math.ceil(from / step) * step; t <= now; t += step) {
@@ -117,7 +118,7 @@ export class LiveChart {
       parts.push(svg('circle', { class: 'dot', cx: x(last.t), cy: y(last.v), r: 4 }));
       this.readout.replaceChildren(
         h('span', { class: 'readout-key' }, this.key), ' ',
-        h('strong', { class: 'readout-value' }, formatValue(last.v, 0.01)),
+        h('strong', { class: 'readout-value' }, String(last.v)),
         h('span', { class: 'muted' }, ` · ${visible.length} points in view`));
     } else {
       parts.push(svg('text', { class: 'chart-empty', x: PAD.left + plotW / 2, y: PAD.top + plotH / 2, 'text-anchor': 'middle' },
@@ -143,7 +144,8 @@ function hhmmss(t, step) {
   return step < 60_000 ? `${hm}:${pad(d.getSeconds())}` : hm;
 }
 
-function formatValue(v, span) {
-  const digits = span >= 100 ? 0 : span >= 1 ? 1 : 2;
-  return v.toFixed(digits);
+function niceStep(raw) {
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const f = raw / power;
+  return (f <= 1 ? 1 : f <= 2 ? 2 : f <= 5 ? 5 : 10) * power;
 }

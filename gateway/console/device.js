@@ -81,8 +81,10 @@ export function mountDevice(root, id, { setStreamState }) {
       d.name && d.name !== d.id ? h('span', { class: 'device-title-name muted', id: 'device-name' }, d.name) : null);
     title.dataset.online = String(Boolean(d.online));
     const row = (label, value) => [h('dt', {}, label), h('dd', {}, value)];
-    const metadata = d.metadata && Object.keys(d.metadata).length
-      ? h('code', { class: 'metadata', id: 'device-metadata' }, JSON.stringify(d.metadata))
+    const entries = Object.entries(d.metadata ?? {});
+    const metadata = entries.length
+      ? h('span', { class: 'metadata', id: 'device-metadata' }, entries.map(([k, v]) =>
+        h('span', { class: 'chip' }, h('span', { class: 'muted' }, `${k}: `), valueText(v))))
       : h('span', { class: 'muted' }, 'none');
     fill(info,
       row('Name', d.name ?? h('span', { class: 'muted' }, 'none')),

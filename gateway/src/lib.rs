@@ -18,7 +18,8 @@
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`store`]: the database: pools and migrations, one file per table family, and the
 //!   batching `writer` that commits telemetry (group commit) before it is acked.
-//! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`.
+//! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`; and
+//!   `api::console`, the web console's static pages (`gateway/console/`) beside it.
 //! - [`shutdown`]: signal -> cancellation; [`Gateway::run`] drains within a grace period.
 //! - [`time`]: epoch milliseconds inside, RFC 3339 outside.
 //!
