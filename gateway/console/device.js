@@ -324,9 +324,29 @@ export function mountDevice(root, id, { setStreamState }) {
         }
         loadSessionsSoon();
         break;
+      case 'lagged':
+        refresh(); // events were lost to this page: read everything again
+        break;
       default:
         break;
     }
+  }
+
+  /** Reads the device, its latest values, commands and sessions again (after a gap). */
+  async function refresh() {
+    try {
+      device = await get(`/devices/${seg(id)}`);
+      renderDevice();
+      latest = await get(`/devices/${seg(id)}/telemetry/latest`).catch(() => latest);
+      renderLatest();
+      updateKeyChoices();
+      seedChart(chart.key);
+      const page = await get(`/devices/${seg(id)}/commands${query({ limit: 50 })}`);
+      for (const c of page.items.reverse()) upsertCommand(c);
+    } catch (e) {
+      console.warn('refresh:', e.message);
+    }
+    loadSessions();
   }
 
   async function load() {
@@ -358,7 +378,7 @@ export function mountDevice(root, id, { setStreamState }) {
     loadSessions();
   }
 
-  const stream = new EventStream({ device: id, onEvent, onState: setStreamState }).start();
+  const stream = new EventStream({ device: id, onEvent, onState: setStreamState, onResync: refresh }).start();
   load();
   return () => {
     stream.stop();

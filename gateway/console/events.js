@@ -61,15 +61,19 @@ const MIN_DELAY_MS = 500;
 const MAX_DELAY_MS = 10000;
 
 /**
- * One live subscription: `new EventStream({device, onEvent, onState}).start()`, `.stop()`.
- * `onEvent(type, payload)` gets parsed JSON; `onState` gets 'connecting', 'live',
- * 'reconnecting' or 'stopped'. `onUnauthorized` ends it when the key is refused.
+ * One live subscription: `new EventStream({device, onEvent, onState, onResync}).start()`,
+ * `.stop()`. `onEvent(type, payload)` gets parsed JSON; `onState` gets 'connecting', 'live',
+ * 'reconnecting' or 'stopped'. `onResync` is called after a reconnect that could not resume
+ * (no event seen before the drop, so no Last-Event-ID): what the view shows may be stale,
+ * and only reading it again tells. A 401 ends the stream (the console signs out).
  */
 export class EventStream {
-  constructor({ device, onEvent, onState = () => {} }) {
+  constructor({ device, onEvent, onState = () => {}, onResync = () => {} }) {
     this.url = device ? `/v1/events?device=${seg(device)}` : '/v1/events';
     this.onEvent = onEvent;
     this.onState = onState;
+    this.onResync = onResync;
+    this.connected = false;
     this.lastEventId = null;
     this.stopped = false;
     this.abort = null;
@@ -102,6 +106,8 @@ export class EventStream {
         if (!resp.ok || !resp.body) throw new Error(`HTTP ${resp.status}`);
         delay = MIN_DELAY_MS;
         this.onState('live');
+        if (this.connected && this.lastEventId === null) this.onResync();
+        this.connected = true;
         await this.read(resp.body);
       } catch (e) {
         if (this.stopped) return;

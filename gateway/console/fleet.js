@@ -175,7 +175,7 @@ export function mountFleet(root, { setStreamState }) {
     updateSummary();
   }
 
-  const stream = new EventStream({ onEvent: apply, onState: setStreamState }).start();
+  const stream = new EventStream({ onEvent: apply, onState: setStreamState, onResync: reloadSoon }).start();
   reload();
   return () => {
     stream.stop();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use e2e::browser::Browser;
 use e2e::commands::{answer, recv_command};
-use e2e::sim::{fleet_ids, wait_all_online, Sim};
+use e2e::sim::{fleet_ids, wait_all_online, Relay, Sim};
 use e2e::{eventually, json, Gateway, Options, Value};
 
 /// How long the page may take to show something the gateway already knows.
@@ -663,5 +663,131 @@ async fn device_data_is_shown_as_text_and_never_runs() {
         )
         .await;
     assert_nothing_ran(&browser).await;
+    browser.close().await;
+}
+
+/// Marks the DOM node of `id`'s fleet row; [`row_is_marked`] tells whether it is still the
+/// same node (a reload of the list builds new rows).
+async fn mark_row(browser: &Browser, id: &str) {
+    browser
+        .js(
+            "document.querySelector(arguments[0]).dataset.marked = 'yes';",
+            vec![json!(row(id))],
+        )
+        .await;
+}
+
+async fn row_is_marked(browser: &Browser, id: &str) -> bool {
+    browser.attr(&row(id), "data-marked").await.as_deref() == Some("yes")
+}
+
+#[tokio::test]
+async fn the_event_stream_resumes_after_a_drop_without_missing_events() {
+    let gw = Gateway::start(Options::new()).await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let first = gw.create_device("resume-1").await;
+    let second = gw.create_device("resume-2").await;
+    // The console through a relay that can drop its connections, as a network would.
+    let api_addr = gw.root_url.trim_start_matches("http://").parse().unwrap();
+    let relay = Relay::start(Some(api_addr)).await;
+    browser.goto(&format!("http://{}/", relay.addr())).await;
+    browser.type_into("#api-key", &gw.api_key).await;
+    browser.click("#sign-in").await;
+    browser
+        .wait_attr(
+            "resume-1 offline",
+            &row("resume-1"),
+            "data-online",
+            SHOWN,
+            |v| v == "false",
+        )
+        .await;
+    browser
+        .wait_attr("the stream", "#stream-state", "data-state", SHOWN, |s| {
+            s == "live"
+        })
+        .await;
+
+    // A drop, and a device connects before the stream is back.
+    let drop_while = |connect: String| {
+        let (relay, gw, browser) = (&relay, &gw, &browser);
+        async move {
+            relay.set_backend(None);
+            relay.cut();
+            browser
+                .wait_attr(
+                    "the page to notice",
+                    "#stream-state",
+                    "data-state",
+                    SHOWN,
+                    |s| s == "reconnecting",
+                )
+                .await;
+            let device = gw.connect(&connect).await;
+            let id = device.welcome["device_id"].as_str().unwrap().to_owned();
+            eventually("online in the API", SHOWN, || async {
+                (gw.api().device(&id).await["online"] == true).then_some(())
+            })
+            .await;
+            assert_eq!(
+                browser.attr(&row(&id), "data-online").await.as_deref(),
+                Some("false")
+            );
+            relay.set_backend(Some(api_addr));
+            device
+        }
+    };
+
+    // No event seen before the drop: nothing to resume from, so the page reads the fleet again.
+    mark_row(&browser, "resume-1").await;
+    let device = drop_while(first).await;
+    browser
+        .wait_attr(
+            "resume-1 online, read again",
+            &row("resume-1"),
+            "data-online",
+            SHOWN,
+            |v| v == "true",
+        )
+        .await;
+    assert!(
+        !row_is_marked(&browser, "resume-1").await,
+        "the fleet was read again"
+    );
+    device.close().await;
+    browser
+        .wait_attr(
+            "resume-1 offline, live",
+            &row("resume-1"),
+            "data-online",
+            SHOWN,
+            |v| v == "false",
+        )
+        .await;
+
+    // With a position (the disconnect's event id), the page resumes with Last-Event-ID and
+    // the gateway replays what it missed: the same rows, changed by the replayed event.
+    mark_row(&browser, "resume-2").await;
+    let _device = drop_while(second).await;
+    browser
+        .wait_attr(
+            "resume-2 online, replayed",
+            &row("resume-2"),
+            "data-online",
+            SHOWN,
+            |v| v == "true",
+        )
+        .await;
+    browser
+        .wait_attr("the stream", "#stream-state", "data-state", SHOWN, |s| {
+            s == "live"
+        })
+        .await;
+    assert!(
+        row_is_marked(&browser, "resume-2").await,
+        "the rows were kept, not read again"
+    );
     browser.close().await;
 }
