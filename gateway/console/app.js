@@ -73,7 +73,7 @@ function route() {
 
 function showSignIn(message) {
   const input = h('input', {
-    id: 'api-key', type: 'password', autocomplete: 'current-password', required: true,
+    id: 'api-key', type: 'password', autocomplete: 'off', required: true,
     spellcheck: 'false', placeholder: 'API key',
   });
   const error = h('p', { class: 'form-error', id: 'sign-in-error', role: 'alert' }, message ?? '');

@@ -161,10 +161,11 @@ async fn the_fleet_shows_simulated_devices_online_live() {
         .close()
         .await;
 
-    // Devices appear while the page is open: the event stream, not a reload.
-    let ids = fleet_ids("sim", 6);
+    // Devices appear while the page is open: their connect events tell it (new ids make it
+    // read the list again).
+    let ids = fleet_ids("sim", 10);
     let sim = Sim::against(&gw)
-        .args(["--provision", "run", "--devices", "6", "--rate", "2"])
+        .args(["--provision", "run", "--devices", "10", "--rate", "1"])
         .spawn();
     for id in &ids {
         browser
@@ -181,7 +182,7 @@ async fn the_fleet_shows_simulated_devices_online_live() {
     }
     browser
         .wait_text("the summary", "#fleet-summary", SHOWN, |t| {
-            t == "7 devices · 6 online"
+            t == "11 devices · 10 online"
         })
         .await;
     let bench = browser.text(&row("lab-bench-01")).await.unwrap();
