@@ -105,6 +105,7 @@ export class LiveChart {
     const step = tickStep(this.windowMs);
     for (let t = Math.ceil(from / step) * step; t <= now; t += step) {
       const xx = x(t);
+      if (xx < PAD.left + 16) continue; // its label would run into the value axis
       parts.push(svg('line', { class: 'grid grid-v', x1: xx, x2: xx, y1: PAD.top, y2: HEIGHT - PAD.bottom }));
       parts.push(svg('text', { class: 'axis', x: xx, y: HEIGHT - 8, 'text-anchor': 'middle' }, hhmmss(t, step)));
     }
