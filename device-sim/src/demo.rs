@@ -338,6 +338,11 @@ impl std::fmt::Display for Guide<'_> {
             f,
             "  operator API  {api}  ({key_where}; the API reference: {api}/openapi.json)"
         )?;
+        let console = api.strip_suffix("/v1").unwrap_or(api);
+        writeln!(
+            f,
+            "  web console   {console}/  (open it in a browser; sign in with the key)"
+        )?;
         writeln!(
             f,
             "  devices       {first} .. {last}, telemetry {}/s each, connected to {}",

@@ -18,7 +18,8 @@
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`store`]: the database: pools and migrations, one file per table family, and the
 //!   batching `writer` that commits telemetry (group commit) before it is acked.
-//! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`.
+//! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`; and
+//!   `api::console`, the web console's static pages (`gateway/console/`) beside it.
 //! - [`shutdown`]: signal -> cancellation; [`Gateway::run`] drains within a grace period.
 //! - [`time`]: epoch milliseconds inside, RFC 3339 outside.
 //!
@@ -243,6 +244,10 @@ impl Gateway {
             shutdown: shutdown.clone(),
         });
 
+        let device_endpoint = api::console::DeviceEndpoint {
+            tls: device_tls.is_some(),
+            addr: device_listener.local_addr().expect("bound listener"),
+        };
         let sessions = TaskTracker::new();
         let device_acceptor = device_tls.map(TlsAcceptor::from);
         let accept_loop = tokio::spawn(device::listener::serve(
@@ -259,6 +264,7 @@ impl Gateway {
             events,
             api_key: Arc::new(api_key),
             shutdown: shutdown.clone(),
+            device_endpoint,
         });
         let api_shutdown = shutdown.clone();
         let api_server = match api_tls {

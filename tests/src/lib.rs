@@ -4,6 +4,7 @@
 //! - [`gateway`]: build the binary once per test run, start it on free ports in a
 //!   fresh directory, kill or terminate it, restart it on the same data.
 //! - [`api`]: a small client for the operator HTTP API.
+//! - [`browser`]: a real headless Chromium over WebDriver (chromedriver), for the web console.
 //! - [`cli`]: the `gateway` binary run as the operator CLI, one-shot or streaming.
 //! - [`device`]: a WebSocket device client over rustls that trusts the gateway's
 //!   development CA, and sees handshake refusals as status + JSON body.
@@ -17,6 +18,7 @@
 //!   across gateway restarts, and checks of the series a simulated fleet stored.
 
 pub mod api;
+pub mod browser;
 pub mod checks;
 pub mod cli;
 pub mod commands;

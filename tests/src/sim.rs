@@ -12,6 +12,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
+use tokio::sync::Notify;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::api::Api;
@@ -273,6 +274,7 @@ impl SimOutput {
 pub struct Relay {
     addr: SocketAddr,
     backend: Arc<Mutex<Option<SocketAddr>>>,
+    cut: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -282,12 +284,19 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let addr = listener.local_addr().expect("relay address");
         let backend = Arc::new(Mutex::new(backend));
-        let task = tokio::spawn(relay(listener, backend.clone()));
+        let cut = Arc::new(Notify::new());
+        let task = tokio::spawn(relay(listener, backend.clone(), cut.clone()));
         Relay {
             addr,
             backend,
+            cut,
             task,
         }
+    }
+
+    /// The relay's own address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// The device URL through this relay: `wss://127.0.0.1:PORT/v1/connect`.
@@ -299,6 +308,12 @@ impl Relay {
     pub fn set_backend(&self, backend: Option<SocketAddr>) {
         *self.backend.lock().unwrap() = backend;
     }
+
+    /// Closes every connection it carries now, both sockets at once and mid-stream, as a
+    /// failing middlebox would; new ones are relayed as before.
+    pub fn cut(&self) {
+        self.cut.notify_one();
+    }
 }
 
 impl Drop for Relay {
@@ -307,7 +322,7 @@ impl Drop for Relay {
     }
 }
 
-async fn relay(listener: TcpListener, backend: Arc<Mutex<Option<SocketAddr>>>) {
+async fn relay(listener: TcpListener, backend: Arc<Mutex<Option<SocketAddr>>>, cut: Arc<Notify>) {
     // Owned here, so that aborting the relay aborts every connection it carries.
     let mut connections = JoinSet::new();
     loop {
@@ -324,6 +339,7 @@ async fn relay(listener: TcpListener, backend: Arc<Mutex<Option<SocketAddr>>>) {
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = cut.notified() => connections.abort_all(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The operator HTTP API (axum): `router()`, the error type, auth and body extraction.
 
 mod commands;
+pub mod console;
 mod devices;
 pub use devices::valid_device_id;
 mod events;
@@ -42,6 +43,8 @@ pub struct ApiState {
     pub events: Arc<Events>,
     pub api_key: Arc<key::ApiKey>,
     pub shutdown: CancellationToken,
+    /// The device listener, for the console's browser device page.
+    pub device_endpoint: console::DeviceEndpoint,
 }
 
 /// An API error: a status and the contract's `{"error","message"}` body.
@@ -195,8 +198,10 @@ pub fn router_and_document(state: ApiState) -> (Router, utoipa::openapi::OpenApi
         .nest("/v1", v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone())
         .split_for_parts();
+    // The console's pages are not API: served beside it, left out of the document.
+    let router = router.merge(console::router(state));
     openapi::require_key_under_v1(&mut doc);
     let document = openapi::Document(Arc::new(
         serde_json::to_value(&doc).expect("the OpenAPI document serializes"),
@@ -275,6 +280,10 @@ pub(crate) async fn test_state(dir: &std::path::Path) -> (ApiState, crate::store
         events,
         api_key: Arc::new(key::ApiKey::new("k")),
         shutdown,
+        device_endpoint: console::DeviceEndpoint {
+            tls: true,
+            addr: "0.0.0.0:8443".parse().unwrap(),
+        },
     };
     (state, writer)
 }
