@@ -4,7 +4,8 @@
 //!
 //! Needs Debian's `chromium` and `chromium-driver`; without them these tests print
 //! "skipped: …" and pass, unless `E2E_REQUIRE_BROWSER=1` (CI), where they fail.
-//! The fleet and device tests write the README's screenshots, `docs/console-*.png`.
+//! The fleet and device tests take the README's screenshots: into `docs/console-*.png` with
+//! `E2E_UPDATE_SCREENSHOTS=1`, else into the build's scratch directory.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,13 +20,19 @@ const SHOWN: Duration = Duration::from_secs(20);
 /// The console's title (an injected script would like to change it).
 const TITLE: &str = "IoT Gateway console";
 
-/// The repository's `docs/` directory, where the README's screenshots live.
-fn docs(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .join("docs")
-        .join(name)
+/// Where a screenshot goes: the repository's `docs/` (the README's pictures) with
+/// `E2E_UPDATE_SCREENSHOTS=1`, else the build's scratch directory, so that a test run leaves the
+/// work tree as it was.
+fn screenshot_path(name: &str) -> PathBuf {
+    if std::env::var("E2E_UPDATE_SCREENSHOTS").as_deref() == Ok("1") {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .join("docs")
+            .join(name)
+    } else {
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
+    }
 }
 
 /// Opens the console and signs in with the gateway's key; the fleet is showing after.
@@ -202,7 +209,7 @@ async fn the_fleet_shows_simulated_devices_online_live() {
         browser.attr("#stream-state", "data-state").await.as_deref(),
         Some("live")
     );
-    browser.screenshot(&docs("console-fleet.png")).await;
+    browser.screenshot(&screenshot_path("console-fleet.png")).await;
 
     // The fleet stops: every row goes offline, with the reason, without a reload.
     sim.terminate().await.success();
@@ -476,7 +483,7 @@ async fn a_device_page_charts_live_points_and_sends_a_command() {
             at_least(live + 4),
         )
         .await;
-    browser.screenshot(&docs("console-device.png")).await;
+    browser.screenshot(&screenshot_path("console-device.png")).await;
     browser.close().await;
 }
 
