@@ -209,7 +209,9 @@ async fn the_fleet_shows_simulated_devices_online_live() {
         browser.attr("#stream-state", "data-state").await.as_deref(),
         Some("live")
     );
-    browser.screenshot(&screenshot_path("console-fleet.png")).await;
+    browser
+        .screenshot(&screenshot_path("console-fleet.png"))
+        .await;
 
     // The fleet stops: every row goes offline, with the reason, without a reload.
     sim.terminate().await.success();
@@ -483,7 +485,9 @@ async fn a_device_page_charts_live_points_and_sends_a_command() {
             at_least(live + 4),
         )
         .await;
-    browser.screenshot(&screenshot_path("console-device.png")).await;
+    browser
+        .screenshot(&screenshot_path("console-device.png"))
+        .await;
     browser.close().await;
 }
 
