@@ -62,8 +62,10 @@ async fn readings_taken_offline_go_out_as_a_batch_once_the_retry_after_has_passe
 
     let telemetry = mock.seen.of_type("telemetry");
     let first = counters_of(&telemetry[0]);
+    // Nominally 50 (a reading every 20 ms for the 1 s Retry-After); a loaded machine runs
+    // the timer late, so only "many of them" is asserted.
     assert!(
-        first.len() >= 30,
+        first.len() >= 20,
         "a second of readings in the first message: {}",
         first.len()
     );
@@ -92,8 +94,10 @@ async fn a_full_buffer_drops_the_oldest_readings_and_counts_them() {
     assert_eq!(first.len(), 10);
     let dropped = counters.dropped.load(Relaxed);
     // The ten newest readings survived: the dropped ones are exactly those before them.
+    // Nominally 40 of the 50 taken while refused; fewer when a loaded machine runs the timer
+    // late, but the buffer must have overflowed.
     assert_eq!(first[0], dropped);
-    assert!(dropped >= 30, "{dropped}");
+    assert!(dropped >= 10, "{dropped}");
 }
 
 #[tokio::test]
