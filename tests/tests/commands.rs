@@ -897,3 +897,48 @@ async fn a_duplicate_result_is_acked_and_changes_nothing() {
     answer(&mut dev, &id, "succeeded", json!({"result": {"v": 2}})).await;
     assert_eq!(get(&api, &id).await, done);
 }
+
+/// A command queued while its device connects is marked sent and pushed to the new session,
+/// which at the same time lists what was sent before and never acked: it must reach the
+/// device once, not once from each path.
+#[tokio::test]
+async fn a_command_queued_while_the_device_connects_is_written_once() {
+    let (gw, api, token) = gateway_with_device(Options::new()).await;
+    for round in 0..10 {
+        let creator = {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in 0..4 {
+                    ids.push(create_named(&api, "sensor-1", &format!("r{round}-{i}")).await);
+                }
+                ids
+            })
+        };
+        let mut dev = gw.connect(&token).await;
+        let created = creator.await.unwrap();
+        let mut seen = Vec::new();
+        while let e2e::Event::Json(msg) = dev.next_event(QUIET).await {
+            assert_eq!(msg["type"], "command", "round {round}: {msg}");
+            let id = msg["id"].as_str().unwrap().to_string();
+            assert!(
+                !seen.contains(&id),
+                "round {round}: command {id} written twice to one session ({seen:?})"
+            );
+            seen.push(id);
+        }
+        let mut want = created.clone();
+        want.sort();
+        seen.sort();
+        assert_eq!(seen, want, "round {round}: every command, once");
+        // All final before the next session, so none is legitimately sent again.
+        for id in &created {
+            dev.send_json(&json!({"type": "command_result", "id": id, "status": "succeeded"}))
+                .await;
+        }
+        for id in &created {
+            wait_status(&api, id, "succeeded").await;
+        }
+        dev.close().await;
+    }
+}

@@ -126,6 +126,10 @@ pub struct Session<S> {
     bucket: TokenBucket,
     invalid_streak: u32,
     last_frame: Instant,
+    /// Commands written at connect as "sent before, never acked" whose push to this session
+    /// may still be on its way: a command queued while the session started is marked sent,
+    /// then pushed, and the listing at connect can see it in between. Written once, not twice.
+    resent_at_connect: Vec<String>,
 }
 
 impl<S> Session<S>
@@ -146,6 +150,7 @@ where
             bucket,
             invalid_streak: 0,
             last_frame: Instant::now(),
+            resent_at_connect: Vec::new(),
         }
     }
 
@@ -480,10 +485,16 @@ where
     /// for queued ones the window lets through.
     async fn on_commands_changed(&mut self) -> Result<(), WsError> {
         let (ready, recheck) = self.handle.take_commands();
-        if !ready.is_empty() {
-            for (_, text) in ready {
-                self.ws.feed(Message::text(text)).await?;
+        let mut wrote = false;
+        for (id, text) in ready {
+            if let Some(i) = self.resent_at_connect.iter().position(|r| *r == id) {
+                self.resent_at_connect.swap_remove(i);
+                continue;
             }
+            self.ws.feed(Message::text(text)).await?;
+            wrote = true;
+        }
+        if wrote {
             self.ws.flush().await?;
         }
         if recheck {
@@ -501,6 +512,7 @@ where
         let listed = async {
             if reconnect {
                 due = commands.unacked(pk).await?;
+                self.resent_at_connect = due.iter().map(|r| r.id.clone()).collect();
             }
             due.extend(commands.take_for_delivery(pk).await?);
             Ok::<_, StoreError>(())
