@@ -96,4 +96,5 @@ if ! have_image "$rust_image" && ! try_pull "$rust_image"; then
 fi
 
 say "running the compose test (builder image: $rust_image)"
-RUST_IMAGE="$rust_image" cargo test -p e2e --test compose -- --ignored --nocapture
+# --workspace: the same feature set as the README's `cargo test --workspace`, so its build is reused.
+RUST_IMAGE="$rust_image" cargo test --workspace --test compose -- --ignored --nocapture
