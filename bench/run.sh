@@ -439,6 +439,7 @@ storm() {
     R[storm_listen.$sys]=$(since "$t_start")
     R[storm_online.$sys]=$(wait_online "$sys" "$FLEET_DEVICES" "$STORM_TIMEOUT")
     R[storm_total.$sys]=$(since "$t_term")
+    [[ ${R[storm_online.$sys]} != timeout ]] || R[storm_total.$sys]=timeout
     R[storm_from_start.$sys]=$(awk -v a="${R[storm_listen.$sys]}" -v b="${R[storm_online.$sys]}" \
         'BEGIN { if (b == "timeout") print "timeout"; else printf "%.2f", a + b }')
     sleep 2
@@ -472,7 +473,7 @@ R[fsync.after]=$(fsync_probe)
 
 # --- the table ------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
-row() { printf '%-40s | %10s | %10s | %10s | %9s | %9s\n' "$@"; }
+row() { printf '%-50s | %10s | %10s | %10s | %9s | %9s\n' "$@"; }
 cell() { printf '%s' "${R[$1]:--}"; }
 line3() { # LABEL KEY: ours, node, mosquitto and the ratios
     local o n m
