@@ -23,11 +23,11 @@ use crate::stats::{self, ErrorTally};
 use crate::tokens::Secret;
 
 /// How long to wait for the acks of messages still in flight when the window closes.
-const DRAIN: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN: Duration = Duration::from_secs(5);
 /// After an `error` answer, pause a device's sending this long rather than spin on refusals.
 const ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// Latencies are recorded in microseconds, up to a minute.
-const MAX_LATENCY_US: u64 = 60_000_000;
+pub(crate) const MAX_LATENCY_US: u64 = 60_000_000;
 
 /// Runs the benchmark; `Ok(false)` means it ran but saw errors.
 pub async fn bench(common: &Common, args: &BenchArgs) -> Result<bool> {
@@ -167,7 +167,7 @@ fn announce(
 }
 
 /// Prints the results; true when there was no error.
-fn finish(
+pub(crate) fn finish(
     args: &BenchArgs,
     connected: usize,
     total: &DeviceReport,
@@ -218,7 +218,7 @@ impl ShardReport {
 
 /// The gateway's limits from the welcomes, the smallest when devices were told different ones.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct Limits {
+pub(crate) struct Limits {
     /// Telemetry messages per second per device.
     rate: Option<f64>,
     /// Largest message, in bytes.
@@ -312,11 +312,11 @@ async fn load(
     Ok(total)
 }
 
-fn latency_histogram() -> Result<Histogram<u64>> {
+pub(crate) fn latency_histogram() -> Result<Histogram<u64>> {
     Ok(Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3)?)
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -343,16 +343,16 @@ fn min_option<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
 
 /// When load starts, when the measurement window opens and closes, when to give up on acks.
 #[derive(Debug, Clone, Copy)]
-struct Plan {
-    start: Instant,
-    measure_from: Instant,
-    measure_until: Instant,
-    drain_until: Instant,
+pub(crate) struct Plan {
+    pub start: Instant,
+    pub measure_from: Instant,
+    pub measure_until: Instant,
+    pub drain_until: Instant,
 }
 
 impl Plan {
     /// Load from `start`, measured after `warmup` for `duration`.
-    fn starting_at(start: Instant, warmup: Duration, duration: Duration) -> Plan {
+    pub fn starting_at(start: Instant, warmup: Duration, duration: Duration) -> Plan {
         let measure_from = start + warmup;
         let measure_until = measure_from + duration;
         Plan {
@@ -363,21 +363,21 @@ impl Plan {
         }
     }
 
-    fn in_window(&self, at: Instant) -> bool {
+    pub fn in_window(&self, at: Instant) -> bool {
         self.measure_from <= at && at < self.measure_until
     }
 }
 
 /// What one device measured.
-struct DeviceReport {
-    sent: u64,
-    acked_in_window: u64,
-    unacked: u64,
-    latency_us: Histogram<u64>,
+pub(crate) struct DeviceReport {
+    pub sent: u64,
+    pub acked_in_window: u64,
+    pub unacked: u64,
+    pub latency_us: Histogram<u64>,
 }
 
 impl DeviceReport {
-    fn new(latency_us: Histogram<u64>) -> DeviceReport {
+    pub fn new(latency_us: Histogram<u64>) -> DeviceReport {
         DeviceReport {
             sent: 0,
             acked_in_window: 0,
@@ -386,7 +386,7 @@ impl DeviceReport {
         }
     }
 
-    fn merge(&mut self, other: &DeviceReport) -> Result<()> {
+    pub fn merge(&mut self, other: &DeviceReport) -> Result<()> {
         self.sent += other.sent;
         self.acked_in_window += other.acked_in_window;
         self.unacked += other.unacked;

@@ -87,6 +87,10 @@ pub enum Command {
     /// Measure command round trips through the operator API (POST with wait_s until succeeded),
     /// optionally with other devices streaming telemetry meanwhile.
     BenchCommands(BenchCommandsArgs),
+    /// The `bench` load against an MQTT broker (QoS 1 publishes over a TLS WebSocket, PUBACK as
+    /// the ack): the transport ceiling the benchmark compares the gateway with. --url is the
+    /// broker's `wss://HOST:PORT/mqtt`; no provisioning, no tokens.
+    BenchMqtt(BenchMqttArgs),
     /// Open many connections, report how long they took, and hold them open.
     Idle(IdleArgs),
     /// Only create the devices and write the tokens file.
@@ -152,6 +156,16 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub sharding: Sharding,
+}
+
+/// Options of `bench-mqtt`: those of `bench` (in one process), and where to publish.
+#[derive(Debug, Args)]
+pub struct BenchMqttArgs {
+    #[command(flatten)]
+    pub load: BenchArgs,
+    /// Client `{prefix}-00001` publishes to `{topic-prefix}/{prefix}-00001`.
+    #[arg(long, default_value = "bench")]
+    pub topic_prefix: String,
 }
 
 /// Options of `bench-commands`.
@@ -294,6 +308,33 @@ mod tests {
         assert_eq!((args.concurrency, args.background_devices), (None, 0));
         assert!(parse(&["--background-rate", "10"]).is_ok());
         assert!(parse(&["--background-rate", "10", "--background-inflight", "8"]).is_err());
+    }
+
+    #[test]
+    fn bench_mqtt_takes_the_bench_options() {
+        let cli = Cli::try_parse_from([
+            "device-sim",
+            "--url",
+            "wss://127.0.0.1:9001/mqtt",
+            "bench-mqtt",
+            "--devices",
+            "5",
+            "--inflight",
+            "3",
+            "--duration",
+            "2s",
+            "--json",
+        ])
+        .unwrap();
+        let Command::BenchMqtt(args) = cli.command else {
+            panic!("not bench-mqtt")
+        };
+        assert_eq!((args.load.devices, args.load.inflight), (5, 3));
+        assert_eq!(args.load.duration, Duration::from_secs(2));
+        assert_eq!(args.load.payload_bytes, 200);
+        assert!(args.load.json);
+        assert_eq!(args.topic_prefix, "bench");
+        assert_eq!(cli.common.url, "wss://127.0.0.1:9001/mqtt");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! device-sim: simulated IoT devices for the gateway, written against the protocol text alone
-//! (it shares no code with the gateway): a demo fleet, a load generator, a connection holder.
+//! (it shares no code with the gateway): a demo fleet, a load generator, a connection holder,
+//! and the same load for an MQTT broker (the benchmark's transport ceiling).
 
 mod api;
 mod background;
@@ -16,6 +17,7 @@ mod demo;
 mod device;
 mod fleet;
 mod idle;
+mod mqtt;
 mod outbox;
 mod proto;
 mod run;
@@ -47,6 +49,7 @@ async fn main() -> ExitCode {
         Command::Run(args) => run::run(&cli.common, args).await,
         Command::Bench(args) => bench::bench(&cli.common, args).await,
         Command::BenchCommands(args) => bench_commands::bench_commands(&cli.common, args).await,
+        Command::BenchMqtt(args) => mqtt::bench_mqtt(&cli.common, args).await,
         Command::Idle(args) => idle::idle(&cli.common, args).await,
         #[cfg(unix)]
         Command::Demo(args) => demo::demo(&cli.common, args).await,

@@ -56,6 +56,16 @@ pub fn connector_for(
     roots: Arc<RootCertStore>,
     identity: Option<Identity>,
 ) -> Result<TlsConnector> {
+    Ok(TlsConnector::from(Arc::new(client_config(
+        roots, identity,
+    )?)))
+}
+
+/// The client configuration of [`connector_for`] (also what the MQTT client is given).
+pub fn client_config(
+    roots: Arc<RootCertStore>,
+    identity: Option<Identity>,
+) -> Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -70,7 +80,7 @@ pub fn connector_for(
     // Every simulated device is a separate machine: each pays for a full handshake,
     // as a real fleet would, instead of resuming a session another device started.
     config.resumption = Resumption::disabled();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 #[cfg(test)]
