@@ -53,7 +53,10 @@ pub async fn serve(
                     session_id = tracing::field::Empty,
                     auth = tracing::field::Empty,
                 );
-                tracker.spawn(handle(tcp, peer, slot, tls.clone(), ctx.clone()).instrument(span));
+                tracker.spawn(
+                    handle(tcp, peer, slot, tls.clone(), ctx.clone(), tracker.clone())
+                        .instrument(span),
+                );
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning; the
@@ -113,6 +116,7 @@ async fn handle(
     slot: OwnedSemaphorePermit,
     tls: Option<TlsAcceptor>,
     ctx: Arc<DeviceContext>,
+    tracker: TaskTracker,
 ) {
     // One budget for TLS and the upgrade together, from the accept.
     let deadline = tokio::time::Instant::now() + ctx.settings.handshake_timeout;
@@ -138,9 +142,9 @@ async fn handle(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|cert| crate::tls::device_id_of(cert).ok_or(()));
-            upgrade(stream, peer, certified, (deadline, slot), ctx).await;
+            upgrade(stream, peer, certified, (deadline, slot), ctx, tracker).await;
         }
-        None => upgrade(tcp, peer, None, (deadline, slot), ctx).await,
+        None => upgrade(tcp, peer, None, (deadline, slot), ctx, tracker).await,
     }
 }
 
@@ -154,8 +158,9 @@ async fn upgrade<S>(
     certified: Certified,
     (deadline, slot): (tokio::time::Instant, OwnedSemaphorePermit),
     ctx: Arc<DeviceContext>,
+    tracker: TaskTracker,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     #[cfg(feature = "conformance")]
     if ctx.settings.conformance_echo {
@@ -217,8 +222,17 @@ async fn upgrade<S>(
     span.record("auth", auth);
     // Through the handshakes: the slot goes to the next connection.
     drop(slot);
-    Session::new(ws, ctx, identity).run().await;
-    drop(admission);
+    // The session gets a task of its own, sized for it alone: this one's future also holds
+    // every handshake state (about three times the session's), and it ends here, so an idle
+    // connection keeps only the session's memory.
+    let session = Session::new(ws, ctx, identity);
+    tracker.spawn(
+        async move {
+            session.run().await;
+            drop(admission);
+        }
+        .in_current_span(),
+    );
 }
 
 /// The device, how it proved itself (`token` or `certificate`), its upgrade request, and bytes
@@ -309,7 +323,7 @@ pub fn hash_token(token: &str) -> Vec<u8> {
 /// WebSocket buffers sized for small device messages, not tungstenite's defaults.
 pub fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(2048)
         .write_buffer_size(8192)
         .max_write_buffer_size(1 << 20)
         .max_message_size(Some(max_message_bytes))

@@ -154,8 +154,24 @@ where
         }
     }
 
-    /// Runs the session to its end, recording presence on both sides.
+    /// Runs the session to its end, recording presence on both sides. The start and the end
+    /// are boxed for the time they run, so that the task an idle session keeps is sized by
+    /// [`serve`](Self::serve) alone.
     pub async fn run(mut self) {
+        Box::pin(self.begin()).await;
+        let ending = match Box::pin(self.welcome()).await {
+            Ok(()) => match Box::pin(self.deliver_commands(true)).await {
+                Ok(()) => self.serve().await,
+                Err(_) => Ending::lost(),
+            },
+            Err(_) => Ending::lost(),
+        };
+        Box::pin(self.end(ending)).await;
+    }
+
+    /// Joins the hub and records the start; the device is welcomed only once the session is
+    /// on record, so its history and presence read true.
+    async fn begin(&mut self) {
         let connected_at = self.handle.connected_at;
         self.ctx
             .hub
@@ -167,7 +183,6 @@ where
             remote_addr: self.me.remote_addr.clone(),
             auth: self.me.auth,
         };
-        // Welcomed only once the session is on record: its history and presence read true.
         let (done, recorded) = oneshot::channel();
         if self
             .ctx
@@ -181,14 +196,10 @@ where
         METRICS.connections.inc();
         self.publish_presence(EventKind::DeviceConnected, connected_at, None);
         tracing::debug!("device connected");
+    }
 
-        let ending = match self.welcome().await {
-            Ok(()) => match self.deliver_commands(true).await {
-                Ok(()) => self.serve().await,
-                Err(_) => Ending::lost(),
-            },
-            Err(_) => Ending::lost(),
-        };
+    /// Hands back what was not written, closes, records the end, and leaves the hub.
+    async fn end(&mut self, ending: Ending) {
         // From here on nothing is written to the device: commands handed over but not
         // written go back to the queue (they were marked sent in advance).
         let unsent: Vec<String> = self
@@ -286,6 +297,9 @@ where
         self.ws.send(Message::text(text)).await
     }
 
+    /// Waits for whatever comes next, most of a session's life. What each event needs is
+    /// boxed for the time it is handled: inline, the largest of those futures would size
+    /// every idle session's task (3 KiB more per connection, measured).
     async fn serve(&mut self) -> Ending {
         let settings = self.ctx.settings.clone();
         let mut ping = tokio::time::interval_at(
@@ -299,22 +313,22 @@ where
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    self.drain_acks().await;
+                    Box::pin(self.drain_acks()).await;
                     return Ending::close(1001, "server shutting down", "server_shutdown");
                 }
                 order = handle.close_ordered() => return order.into(),
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
-                    if self.on_commits(done).await.is_err() {
+                    if Box::pin(self.on_commits(done)).await.is_err() {
                         return Ending::lost();
                     }
                 }
                 _ = handle.commands_changed() => {
-                    if self.on_commands_changed().await.is_err() {
+                    if Box::pin(self.on_commands_changed()).await.is_err() {
                         return Ending::lost();
                     }
                 }
                 frame = self.ws.next(), if self.pending.len() < MAX_PENDING_ACKS => {
-                    if let Some(ending) = self.on_frame(frame).await {
+                    if let Some(ending) = Box::pin(self.on_frame(frame)).await {
                         return ending;
                     }
                 }
@@ -394,7 +408,7 @@ where
             }
             Inbound::Ack { id } => {
                 METRICS.message("ack");
-                let receipt = self.ctx.commands.submit_ack(self.me.device_pk, &id).await;
+                let receipt = Box::pin(self.ctx.commands.submit_ack(self.me.device_pk, &id)).await;
                 self.await_answer(id, false, receipt).await
             }
             Inbound::CommandResult {
@@ -409,17 +423,14 @@ where
                     ResultStatus::Failed => Status::Failed,
                     ResultStatus::Rejected => Status::Rejected,
                 };
-                let receipt = self
-                    .ctx
-                    .commands
-                    .submit_result(
-                        self.me.device_pk,
-                        &id,
-                        status,
-                        result.as_deref(),
-                        error.as_deref(),
-                    )
-                    .await;
+                let receipt = Box::pin(self.ctx.commands.submit_result(
+                    self.me.device_pk,
+                    &id,
+                    status,
+                    result.as_deref(),
+                    error.as_deref(),
+                ))
+                .await;
                 self.await_answer(id, true, receipt).await
             }
         };
@@ -464,7 +475,7 @@ where
                     is_result,
                     received,
                 } => {
-                    let answer = self.ctx.commands.answered(*received).await;
+                    let answer = Box::pin(self.ctx.commands.answered(*received)).await;
                     let (reply, freed) = answer_reply(&id, answer, is_result);
                     slot_freed |= freed;
                     if let Some(reply) = reply {
@@ -476,7 +487,7 @@ where
         }
         self.ws.flush().await?;
         if slot_freed {
-            self.deliver_commands(false).await?;
+            Box::pin(self.deliver_commands(false)).await?;
         }
         Ok(())
     }
@@ -498,7 +509,7 @@ where
             self.ws.flush().await?;
         }
         if recheck {
-            self.deliver_commands(false).await?;
+            Box::pin(self.deliver_commands(false)).await?;
         }
         Ok(())
     }
