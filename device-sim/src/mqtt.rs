@@ -431,6 +431,138 @@ fn take(pending: &mut Vec<(u16, Instant)>, pkid: u16) -> Option<Instant> {
 mod tests {
     use super::*;
 
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use std::sync::Mutex;
+
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+    use crate::cli::BenchArgs;
+    use crate::mock;
+
+    /// What the tiny broker saw.
+    #[derive(Default)]
+    struct Seen {
+        client_ids: Mutex<Vec<String>>,
+        topics: Mutex<Vec<String>>,
+        publishes: AtomicU64,
+        disconnects: AtomicU64,
+    }
+
+    /// Just enough of a broker: MQTT over WebSocket (subprotocol `mqtt`), a CONNACK with
+    /// `code`, and a PUBACK for each QoS 1 publish, those of one message acked in one message.
+    async fn tiny_broker(code: u8) -> (String, Arc<Seen>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/mqtt", listener.local_addr().unwrap());
+        let seen = Arc::new(Seen::default());
+        let shared = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(serve(tcp, code, shared.clone()));
+            }
+        });
+        (url, seen)
+    }
+
+    async fn serve(tcp: tokio::net::TcpStream, code: u8, seen: Arc<Seen>) {
+        #[allow(clippy::result_large_err)]
+        let mqtt = |request: &Request, mut response: Response| {
+            assert_eq!(request.headers()["sec-websocket-protocol"], "mqtt");
+            let protocol = HeaderValue::from_static("mqtt");
+            response
+                .headers_mut()
+                .insert("sec-websocket-protocol", protocol);
+            Ok(response)
+        };
+        let mut ws = tokio_tungstenite::accept_hdr_async(tcp, mqtt)
+            .await
+            .unwrap();
+        let mut inbox = Inbox::default();
+        while let Some(Ok(Message::Binary(frame))) = ws.next().await {
+            let mut answer = Vec::new();
+            inbox
+                .feed(&frame, |packet| match packet {
+                    Packet::Connect { client_id, .. } => {
+                        seen.client_ids.lock().unwrap().push(client_id.into());
+                        let connack = Packet::ConnAck {
+                            session_present: false,
+                            code,
+                        };
+                        connack.encode(&mut answer);
+                    }
+                    Packet::Publish {
+                        topic,
+                        pkid: Some(pkid),
+                        payload,
+                    } => {
+                        assert!(serde_json::from_slice::<serde_json::Value>(payload).is_ok());
+                        seen.topics.lock().unwrap().push(topic.into());
+                        seen.publishes.fetch_add(1, SeqCst);
+                        Packet::PubAck { pkid }.encode(&mut answer);
+                    }
+                    Packet::Disconnect => {
+                        seen.disconnects.fetch_add(1, SeqCst);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                })
+                .unwrap();
+            if !answer.is_empty() && ws.send(Message::binary(answer)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn args(devices: usize) -> BenchMqttArgs {
+        BenchMqttArgs {
+            load: BenchArgs {
+                devices,
+                inflight: 4,
+                duration: Duration::from_millis(300),
+                warmup: Duration::from_millis(100),
+                payload_bytes: 200,
+                json: true,
+                sharding: crate::shards::Sharding {
+                    processes: None,
+                    shard: None,
+                },
+            },
+            topic_prefix: "bench".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_whole_subcommand_runs_against_a_broker() {
+        let (url, seen) = tiny_broker(CONNECTION_ACCEPTED).await;
+        let dir = tempfile::tempdir().unwrap();
+        let common = mock::fleet(dir.path(), url, 3);
+        assert!(bench_mqtt(&common, &args(3)).await.unwrap(), "a clean run");
+        let mut ids = seen.client_ids.lock().unwrap().clone();
+        ids.sort();
+        assert_eq!(ids, ["sim-00001", "sim-00002", "sim-00003"]);
+        assert!(seen.publishes.load(SeqCst) > 30);
+        assert!(seen
+            .topics
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|t| t.starts_with("bench/sim-0000")));
+        assert_eq!(seen.disconnects.load(SeqCst), 3, "each client says goodbye");
+    }
+
+    #[tokio::test]
+    async fn a_refusing_broker_is_an_error() {
+        // 3.2.2.3: 5 is "not authorized".
+        let (url, _seen) = tiny_broker(5).await;
+        let dir = tempfile::tempdir().unwrap();
+        let common = mock::fleet(dir.path(), url, 2);
+        let error = bench_mqtt(&common, &args(2)).await.err().unwrap();
+        assert!(
+            error.to_string().contains("no client could connect"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn publishes_leave_on_their_puback_in_any_order() {
         let (a, b) = (Instant::now(), Instant::now() + Duration::from_millis(5));
