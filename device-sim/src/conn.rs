@@ -339,6 +339,21 @@ async fn connect_unbounded(
     id: &str,
     token: &Secret,
 ) -> Result<(Ws, Welcome), ConnectError> {
+    let token = (!target.by_certificate()).then_some(token);
+    let mut ws = open(target, id, token, proto::SUBPROTOCOL).await?;
+    let welcome = read_welcome(&mut ws).await?;
+    Ok((ws, welcome))
+}
+
+/// TCP, TLS when the URL says `wss` (with device `id`'s client certificate under mutual TLS),
+/// and the WebSocket upgrade asking for `subprotocol`, with `token` as a bearer token if given.
+/// Nothing is read after the upgrade: this is also the transport of `bench-mqtt`.
+pub async fn open(
+    target: &Target,
+    id: &str,
+    token: Option<&Secret>,
+    subprotocol: &'static str,
+) -> Result<Ws, ConnectError> {
     let tcp = target.tcp().await?;
     // Small messages, latency measured: do not let Nagle hold them back.
     tcp.set_nodelay(true)?;
@@ -353,17 +368,19 @@ async fn connect_unbounded(
         }
         None => Transport::Plain(tcp),
     };
-    let token = (!target.by_certificate()).then_some(token);
-    let request = upgrade_request(&target.uri, token)?;
-    let (mut ws, _response) =
+    let request = upgrade_request(&target.uri, token, subprotocol)?;
+    let (ws, _response) =
         tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
             .await
             .map_err(ConnectError::from_handshake)?;
-    let welcome = read_welcome(&mut ws).await?;
-    Ok((ws, welcome))
+    Ok(ws)
 }
 
-fn upgrade_request(uri: &Uri, token: Option<&Secret>) -> Result<Request, ConnectError> {
+fn upgrade_request(
+    uri: &Uri,
+    token: Option<&Secret>,
+    subprotocol: &'static str,
+) -> Result<Request, ConnectError> {
     let mut request = uri
         .clone()
         .into_client_request()
@@ -377,7 +394,7 @@ fn upgrade_request(uri: &Uri, token: Option<&Secret>) -> Result<Request, Connect
     }
     headers.insert(
         SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(proto::SUBPROTOCOL),
+        HeaderValue::from_static(subprotocol),
     );
     Ok(request)
 }
@@ -641,11 +658,15 @@ mod tests {
     #[test]
     fn upgrade_request_carries_token_and_subprotocol() {
         let uri: Uri = "wss://127.0.0.1:8443/v1/connect".parse().unwrap();
-        let request = upgrade_request(&uri, Some(&Secret::from("tok_1".to_string()))).unwrap();
+        let token = Secret::from("tok_1".to_string());
+        let request = upgrade_request(&uri, Some(&token), proto::SUBPROTOCOL).unwrap();
         assert_eq!(request.headers()[AUTHORIZATION], "Bearer tok_1");
         assert!(request.headers()[AUTHORIZATION].is_sensitive());
         assert_eq!(request.headers()[SEC_WEBSOCKET_PROTOCOL], "iot-gateway.v1");
-        let bad = upgrade_request(&uri, Some(&Secret::from("a\nb".to_string())));
+        let mqtt = upgrade_request(&uri, None, "mqtt").unwrap();
+        assert!(!mqtt.headers().contains_key(AUTHORIZATION));
+        assert_eq!(mqtt.headers()[SEC_WEBSOCKET_PROTOCOL], "mqtt");
+        let bad = upgrade_request(&uri, Some(&Secret::from("a\nb".to_string())), "mqtt");
         assert!(matches!(bad, Err(ConnectError::BadToken)));
     }
 }

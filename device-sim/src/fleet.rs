@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::api::{self, Api};
 use crate::backoff::Backoff;
@@ -158,11 +158,22 @@ impl Connector {
         self.target.url()
     }
 
+    /// Where the connections go, for a client that speaks another protocol (`bench-mqtt`).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Waits until fewer than `--connect-concurrency` handshakes are in progress; the returned
+    /// permit counts as one until it is dropped.
+    pub async fn permit(&self) -> Option<SemaphorePermit<'_>> {
+        // The semaphore is never closed, so acquiring cannot fail.
+        self.permits.acquire().await.ok()
+    }
+
     /// One attempt of device `id`, waiting for a permit first.
     pub async fn once(&self, id: &str, token: &Secret) -> Result<(Ws, Welcome), ConnectError> {
-        // The semaphore is never closed, so acquiring cannot fail; the permit is held until
-        // the welcome arrived.
-        let _permit = self.permits.acquire().await;
+        // The permit is held until the welcome arrived.
+        let _permit = self.permit().await;
         conn::connect(&self.target, id, token, CONNECT_TIMEOUT).await
     }
 
