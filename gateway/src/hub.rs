@@ -53,6 +53,10 @@ pub struct SessionHandle {
     outbox: Mutex<Option<Vec<(String, String)>>>,
     /// The session should look for queued commands its window lets through.
     recheck: AtomicBool,
+    /// The device may have queued commands: set when one is left queued for it, cleared by
+    /// the session when it looks. A freed slot in the window costs a look (a commit) only
+    /// while this is set.
+    backlog: AtomicBool,
 }
 
 impl SessionHandle {
@@ -67,6 +71,7 @@ impl SessionHandle {
             commands: Notify::new(),
             outbox: Mutex::new(Some(Vec::new())),
             recheck: AtomicBool::new(false),
+            backlog: AtomicBool::new(true),
         })
     }
 
@@ -88,6 +93,7 @@ impl SessionHandle {
 
     /// Tells the session its device's commands changed (one queued, or a slot freed).
     pub fn notify_commands(&self) {
+        self.backlog.store(true, Ordering::Release);
         self.recheck.store(true, Ordering::Release);
         // `notify_one` keeps a permit when the session is busy, so no nudge is lost.
         self.commands.notify_one();
@@ -125,6 +131,17 @@ impl SessionHandle {
     /// [`push_commands`](Self::push_commands) (cancel-safe).
     pub async fn commands_changed(&self) {
         self.commands.notified().await;
+    }
+
+    /// Whether the device may have queued commands, forgetting it: the caller looks now, and
+    /// a command queued after this call sets it again ([`notify_commands`](Self::notify_commands)).
+    pub fn take_backlog(&self) -> bool {
+        self.backlog.swap(false, Ordering::AcqRel)
+    }
+
+    /// The look found commands (the window may have filled before the queue emptied).
+    pub fn keep_backlog(&self) {
+        self.backlog.store(true, Ordering::Release);
     }
 
     /// The messages pushed since the last call, and whether a recheck was asked for.

@@ -20,7 +20,7 @@ use crate::events::{EventKind, Events, Payload};
 use crate::hub::Hub;
 use crate::metrics::METRICS;
 use crate::store::commands::{
-    Answer, Cancel, CommandOp, CommandOutcome, CommandRow, NewCommand, Queued, Status,
+    Answer, Cancel, CommandOp, CommandOutcome, CommandRow, Delivery, NewCommand, Queued, Status,
 };
 use crate::store::writer::{committed, CommandReceipt, Writer};
 use crate::store::{Store, StoreError};
@@ -203,19 +203,19 @@ impl Commands {
     }
 
     /// Marks the next queued commands sent, within the window; the session writes them out.
-    pub async fn take_for_delivery(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
+    pub async fn take_for_delivery(&self, device_pk: i64) -> Result<Delivery, StoreError> {
         let op = CommandOp::TakeForDelivery {
             device_pk,
             window: self.window,
             now: now_ms(),
         };
-        let CommandOutcome::Taken(rows) = self.writer.command(op).await? else {
-            unreachable!("a delivery op answers Taken")
+        let CommandOutcome::Delivery(delivery) = self.writer.command(op).await? else {
+            unreachable!("a delivery op answers Delivery")
         };
-        for row in &rows {
+        for row in &delivery.rows {
             self.updated(row);
         }
-        Ok(rows)
+        Ok(delivery)
     }
 
     /// Puts commands marked sent but never written out back in the queue.

@@ -520,16 +520,24 @@ where
         let commands = self.ctx.commands.clone();
         let pk = self.me.device_pk;
         let mut due = Vec::new();
+        let look = self.handle.take_backlog();
         let listed = async {
             if reconnect {
                 due = commands.unacked(pk).await?;
                 self.resent_at_connect = due.iter().map(|r| r.id.clone()).collect();
             }
-            due.extend(commands.take_for_delivery(pk).await?);
+            if look {
+                let taken = commands.take_for_delivery(pk).await?;
+                if taken.maybe_more {
+                    self.handle.keep_backlog();
+                }
+                due.extend(taken.rows);
+            }
             Ok::<_, StoreError>(())
         };
         if let Err(e) = listed.await {
-            // The commands stay queued; the next nudge or reconnect tries again.
+            // The commands stay queued; the next nudge, freed slot or reconnect tries again.
+            self.handle.keep_backlog();
             tracing::error!(error = %e, "cannot read the device's commands");
         }
         if due.is_empty() {

@@ -202,6 +202,8 @@ pub enum CommandOutcome {
     Queued(Queued, Vec<CommandRow>),
     /// Commands marked sent (oldest first), or back to queued.
     Taken(Vec<CommandRow>),
+    /// Commands marked sent for delivery.
+    Delivery(Delivery),
     Answer(Answer),
     /// The expired or timed-out command, if the deadline still applied.
     Finished(Option<CommandRow>),
@@ -220,7 +222,9 @@ impl CommandOp {
                 let queued = queue(conn, new, *queue_max).await?;
                 let taken = match (&queued, deliver_window) {
                     (Queued::New(_), Some(window)) => {
-                        take_for_delivery(conn, new.device_pk, *window, new.created_at).await?
+                        take_for_delivery(conn, new.device_pk, *window, new.created_at)
+                            .await?
+                            .rows
                     }
                     _ => Vec::new(),
                 };
@@ -230,7 +234,9 @@ impl CommandOp {
                 device_pk,
                 window,
                 now,
-            } => CommandOutcome::Taken(take_for_delivery(conn, *device_pk, *window, *now).await?),
+            } => {
+                CommandOutcome::Delivery(take_for_delivery(conn, *device_pk, *window, *now).await?)
+            }
             CommandOp::Requeue { ids } => {
                 let mut rows = Vec::with_capacity(ids.len());
                 for id in ids {
@@ -352,7 +358,7 @@ async fn take_for_delivery(
     device_pk: i64,
     window: u32,
     now: i64,
-) -> Result<Vec<CommandRow>, sqlx::Error> {
+) -> Result<Delivery, sqlx::Error> {
     let in_flight: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered')",
     )
@@ -361,7 +367,10 @@ async fn take_for_delivery(
     .await?;
     let free = i64::from(window) - in_flight;
     if free <= 0 {
-        return Ok(Vec::new());
+        return Ok(Delivery {
+            rows: Vec::new(),
+            maybe_more: true,
+        });
     }
     let mut rows: Vec<CommandRow> = sqlx::query_as(
         "UPDATE commands SET status = 'sent', sent_at = ?2 WHERE rowid IN \
@@ -375,7 +384,16 @@ async fn take_for_delivery(
     .await?;
     // RETURNING gives no order guarantee; creation order is the contract.
     rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-    Ok(rows)
+    let maybe_more = rows.len() as i64 == free;
+    Ok(Delivery { rows, maybe_more })
+}
+
+/// Commands marked sent for delivery (oldest first), and whether more may still be queued
+/// (the window filled up): when not, the device's queue is empty.
+#[derive(Debug)]
+pub struct Delivery {
+    pub rows: Vec<CommandRow>,
+    pub maybe_more: bool,
 }
 
 async fn finish_if(
@@ -535,7 +553,7 @@ mod tests {
             device_pk: i64,
             window: u32,
             now: i64,
-        ) -> Result<Vec<CommandRow>, ()> {
+        ) -> Result<Delivery, ()> {
             match self
                 .op(CommandOp::TakeForDelivery {
                     device_pk,
@@ -544,7 +562,7 @@ mod tests {
                 })
                 .await
             {
-                CommandOutcome::Taken(rows) => Ok(rows),
+                CommandOutcome::Delivery(d) => Ok(d),
                 o => panic!("{o:?}"),
             }
         }
@@ -652,15 +670,16 @@ mod tests {
             assert!(matches!(q.unwrap(), Queued::New(_)));
         }
         let first = store.take_for_delivery(1, 3, 20).await.unwrap();
+        assert!(first.maybe_more, "the window filled up");
+        let first = first.rows;
         let ids: Vec<_> = first.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["c0", "c1", "c2"]);
         assert!(first
             .iter()
             .all(|r| r.status == Status::Sent && r.sent_at == Some(20)));
-        assert!(
-            store.take_for_delivery(1, 3, 21).await.unwrap().is_empty(),
-            "window full"
-        );
+        let full = store.take_for_delivery(1, 3, 21).await.unwrap();
+        assert!(full.rows.is_empty(), "window full");
+        assert!(full.maybe_more, "a full window says nothing of the queue");
         let done = store
             .command_completed(1, "c1", Status::Succeeded, Some("{}"), None, 22)
             .await
@@ -674,9 +693,22 @@ mod tests {
         );
         let next = store.take_for_delivery(1, 3, 23).await.unwrap();
         assert_eq!(
-            next.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            next.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
             ["c3"]
         );
+        assert!(next.maybe_more, "one slot was free and one was taken");
+        for id in ["c0", "c2"] {
+            store
+                .command_completed(1, id, Status::Succeeded, Some("{}"), None, 24)
+                .await
+                .unwrap();
+        }
+        let last = store.take_for_delivery(1, 3, 25).await.unwrap();
+        assert_eq!(
+            last.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["c4"]
+        );
+        assert!(!last.maybe_more, "two slots were free, the queue is empty");
     }
 
     #[tokio::test]

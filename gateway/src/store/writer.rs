@@ -59,7 +59,17 @@ impl WriteJob {
             _ => 1,
         }
     }
+
+    /// A device's receipt of a command (`delivered`): nobody waits for its commit.
+    fn is_receipt(&self) -> bool {
+        matches!(self, WriteJob::Command(CommandOp::Delivered { .. }, _))
+    }
 }
+
+/// How long a batch of nothing but command receipts waits for company. A device answers a
+/// command with its receipt and, often at once, its result: committed together, the result
+/// (which an operator may be waiting for) does not queue behind the receipt's commit.
+const RECEIPT_DELAY: Duration = Duration::from_millis(2);
 
 /// While commits keep failing, one error line per this interval (with the count) is enough.
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -220,11 +230,18 @@ async fn run(
         let mut rows = first.rows();
         batch.push(first);
         let deadline = Instant::now() + config.max_delay;
+        let receipts_until = Instant::now() + RECEIPT_DELAY;
         while rows < config.max_rows {
             let next = match rx.try_recv() {
                 Ok(job) => Some(job),
                 Err(mpsc::error::TryRecvError::Empty) if !config.max_delay.is_zero() => {
                     tokio::time::timeout_at(deadline, rx.recv())
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                Err(mpsc::error::TryRecvError::Empty) if batch.iter().all(WriteJob::is_receipt) => {
+                    tokio::time::timeout_at(receipts_until, rx.recv())
                         .await
                         .ok()
                         .flatten()
