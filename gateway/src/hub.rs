@@ -49,7 +49,8 @@ pub struct SessionHandle {
     closed: Notify,
     commands: Notify,
     /// Commands already marked sent, `(id, message)`, for the session to write out;
-    /// `None` once the session stopped writing.
+    /// `None` until the session has written what was due at connect, and once it stopped
+    /// writing.
     outbox: Mutex<Option<Vec<(String, String)>>>,
     /// The session should look for queued commands its window lets through.
     recheck: AtomicBool,
@@ -69,7 +70,7 @@ impl SessionHandle {
             close: OnceLock::new(),
             closed: Notify::new(),
             commands: Notify::new(),
-            outbox: Mutex::new(Some(Vec::new())),
+            outbox: Mutex::new(None),
             recheck: AtomicBool::new(false),
             backlog: AtomicBool::new(true),
         })
@@ -111,6 +112,15 @@ impl SessionHandle {
         }
         self.commands.notify_one();
         Ok(())
+    }
+
+    /// The session has written what was due at connect: from now on commands may be
+    /// handed to it directly.
+    pub fn open_outbox(&self) {
+        self.outbox
+            .lock()
+            .expect("outbox lock")
+            .get_or_insert_with(Vec::new);
     }
 
     /// True while the session writes commands out.
@@ -255,6 +265,13 @@ mod tests {
     #[test]
     fn commands_pushed_after_the_session_stopped_come_back() {
         let h = SessionHandle::new("s".into(), 0);
+        assert!(
+            !h.accepts_commands(),
+            "not before it wrote what was due at connect"
+        );
+        let early = h.push_commands(vec![("c0".into(), "m0".into())]);
+        assert_eq!(early, Err(vec![("c0".into(), "m0".into())]));
+        h.open_outbox();
         h.push_commands(vec![("c1".into(), "m1".into())]).unwrap();
         assert_eq!(h.take_commands(), (vec![("c1".into(), "m1".into())], false));
         h.push_commands(vec![("c2".into(), "m2".into())]).unwrap();

@@ -126,10 +126,6 @@ pub struct Session<S> {
     bucket: TokenBucket,
     invalid_streak: u32,
     last_frame: Instant,
-    /// Commands written at connect as "sent before, never acked" whose push to this session
-    /// may still be on its way: a command queued while the session started is marked sent,
-    /// then pushed, and the listing at connect can see it in between. Written once, not twice.
-    resent_at_connect: Vec<String>,
 }
 
 impl<S> Session<S>
@@ -150,7 +146,6 @@ where
             bucket,
             invalid_streak: 0,
             last_frame: Instant::now(),
-            resent_at_connect: Vec::new(),
         }
     }
 
@@ -161,7 +156,12 @@ where
         Box::pin(self.begin()).await;
         let ending = match Box::pin(self.welcome()).await {
             Ok(()) => match Box::pin(self.deliver_commands(true)).await {
-                Ok(()) => self.serve().await,
+                Ok(()) => {
+                    // Only now may commands be handed over directly: one queued during the
+                    // listing above waits for its nudge, so none is written twice.
+                    self.handle.open_outbox();
+                    self.serve().await
+                }
                 Err(_) => Ending::lost(),
             },
             Err(_) => Ending::lost(),
@@ -497,11 +497,7 @@ where
     async fn on_commands_changed(&mut self) -> Result<(), WsError> {
         let (ready, recheck) = self.handle.take_commands();
         let mut wrote = false;
-        for (id, text) in ready {
-            if let Some(i) = self.resent_at_connect.iter().position(|r| *r == id) {
-                self.resent_at_connect.swap_remove(i);
-                continue;
-            }
+        for (_, text) in ready {
             self.ws.feed(Message::text(text)).await?;
             wrote = true;
         }
@@ -524,7 +520,6 @@ where
         let listed = async {
             if reconnect {
                 due = commands.unacked(pk).await?;
-                self.resent_at_connect = due.iter().map(|r| r.id.clone()).collect();
             }
             if look {
                 let taken = commands.take_for_delivery(pk).await?;
