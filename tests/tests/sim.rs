@@ -743,13 +743,18 @@ async fn run_spreads_a_fleet_over_processes_and_adds_up_their_figures() {
     assert!(sent >= DEVICES as u64 && acked <= sent, "{summary}");
     assert!(summary["ack_p99_ms"].as_f64().is_some(), "{summary}");
     wait_none_online(&api, ONLINE_WAIT).await;
-    let mut stored_messages = 0;
+    // Messages (several readings each at times), by id: the acked ones are stored, and maybe
+    // some sent in the last moment, whose ack came too late.
+    let mut messages = HashSet::new();
     for id in &ids {
-        stored_messages += stored(&api, id).await.len() as u64;
+        for item in stored(&api, id).await {
+            messages.insert(item["id"].as_str().expect("message id").to_string());
+        }
     }
-    assert_eq!(
-        stored_messages, acked,
-        "what the shards counted as acked is stored"
+    let stored_messages = messages.len() as u64;
+    assert!(
+        acked <= stored_messages && stored_messages <= sent,
+        "{stored_messages} stored: {summary}"
     );
     for pid in shards {
         assert!(
