@@ -22,9 +22,11 @@
 #             telemetry from BG_DEVICES devices at half of our measured FULL peak
 #   idle      FLEET_DEVICES idle TLS connections from FLEET_PROCESSES device-sim processes:
 #             server RSS per connection (VmRSS delta / N) and the time to connect them all
-#   storm     the same fleet as reconnecting devices (`device-sim run --rate 0`), the server
-#             restarted (SIGTERM, then started again on the same data and ports): time until all
-#             are online again (the server's gauge), and client-side connect errors by kind
+#   storm     the same fleet as reconnecting devices (`device-sim run --rate 0 --processes
+#             FLEET_PROCESSES`), the server restarted (SIGTERM, then started again on the same
+#             data and ports): time until all are online again (the server's gauge), and
+#             client-side connect errors by kind (with the first error text of each kind, and
+#             the server's handshake outcomes since the restart, in the log)
 #
 # Knobs (environment): SCENARIOS ("ingest commands idle storm"), PEERS ("node mosquitto"),
 # INGEST_DURATION (30), INGEST_WARMUP (2), INGEST_DEVICES (100), INGEST_INFLIGHT (8),
@@ -32,7 +34,7 @@
 # CMD_WAIT_S (10), BG_DEVICES (100), BG_RATE (msgs/s per background device; default: half our
 # FULL peak / BG_DEVICES, or 50 without the ingest scenario), FLEET_DEVICES (19000),
 # FLEET_PROCESSES (4), FLEET_CONNECT_CONCURRENCY (250 per process), STORM_CONNECT_CONCURRENCY
-# (1000), STORM_TIMEOUT (120 s), BENCH_TMPDIR (default $TMPDIR or /tmp), CARGO_TARGET_DIR.
+# (1000 in all, spread over the FLEET_PROCESSES processes), STORM_TIMEOUT (120 s), BENCH_TMPDIR (default $TMPDIR or /tmp), CARGO_TARGET_DIR.
 # Everything started here is stopped (by pid) and the temporary directory removed at the end,
 # also on Ctrl-C or failure; every wait has a time limit.
 set -euo pipefail
@@ -418,19 +420,42 @@ wait_online() {
     since "$t"
 }
 
+# tcp_counters: the kernel's TCP counters a storm may run into (listen queue overflows and
+# drops, SYN cookies, resets sent), `name=value ...`, system-wide.
+tcp_counters() {
+    awk '$1 == "TcpExt:" { if (!h) { split($0, n); h = 1 } else for (i = 2; i <= NF; i++) v[n[i]] = $i }
+        END { for (k in v) if (k ~ /^(ListenOverflows|ListenDrops|SyncookiesSent|SyncookiesRecv|SyncookiesFailed|TCPReqQFullDoCookies|TCPReqQFullDrop)$/) printf "%s=%s ", k, v[k] }' /proc/net/netstat
+    awk '$1 == "Tcp:" { if (!h) { split($0, n); h = 1 } else for (i = 2; i <= NF; i++) if (n[i] == "OutRsts") printf "OutRsts=%s", $i }' /proc/net/snmp
+}
+
+# handshakes SYS: the server's handshake outcomes since it started, `outcome=count ...` (ours
+# counts them at /metrics; nothing for a server that does not).
+handshakes() {
+    curl -sf --max-time 2 "${S[$1.root]}/metrics" 2>/dev/null \
+        | sed -nE 's/^gateway_handshakes_total\{outcome="([^"]+)"\} ([0-9]+)$/\1=\2/p' | paste -sd ' ' || true
+}
+
 # storm SYS: the fleet as reconnecting devices; the server restarted under it.
 storm() {
-    local sys=$1 dir=${S[$1.dir]} fleet_pid t_term t_start kinds
+    local sys=$1 dir=${S[$1.dir]} fleet_pid t_term t_start kinds handshakes
     local daddr=${S[$1.device_addr]} aaddr=${S[$1.api_addr]}
-    log "storm $sys: connecting $FLEET_DEVICES reconnecting devices"
-    (sim "$sys" --connect-concurrency "$STORM_CONNECT_CONCURRENCY" --source-ips "127.0.1.1-127.0.1.2" \
-        run --devices "$FLEET_DEVICES" --rate 0 --duration 30m --json) >"$dir/storm.out" 2>"$dir/storm.log" &
+    # STORM_CONNECT_CONCURRENCY handshakes in flight in all, whatever the number of processes.
+    local per_process=$(((STORM_CONNECT_CONCURRENCY + FLEET_PROCESSES - 1) / FLEET_PROCESSES))
+    log "storm $sys: connecting $FLEET_DEVICES reconnecting devices over $FLEET_PROCESSES processes" \
+        "($per_process handshakes in flight each)"
+    (sim "$sys" --connect-concurrency "$per_process" --source-ips "127.0.1.1-127.0.1.2" \
+        run --devices "$FLEET_DEVICES" --processes "$FLEET_PROCESSES" --rate 0 --duration 30m --json) \
+        >"$dir/storm.out" 2>"$dir/storm.log" &
     fleet_pid=$!
     RUNNING[$fleet_pid]="device-sim (storm $sys)"
+    log "storm $sys: kernel TCP counters before the fleet: $(tcp_counters)"
     R[storm_first.$sys]=$(wait_online "$sys" "$FLEET_DEVICES" 600)
     [[ ${R[storm_first.$sys]} != timeout ]] || die "storm $sys: the fleet did not come online"
     log "storm $sys: all $FLEET_DEVICES online after ${R[storm_first.$sys]} s; restarting the server"
     sleep 2
+    log "storm $sys: kernel TCP counters before the restart: $(tcp_counters)"
+    handshakes=$(handshakes "$sys")
+    [[ -z $handshakes ]] || log "storm $sys: the server's handshakes before its restart: $handshakes"
     t_term=$(now)
     halt "$sys"
     R[storm_halt.$sys]=$HALT_S
@@ -442,6 +467,9 @@ storm() {
     [[ ${R[storm_online.$sys]} != timeout ]] || R[storm_total.$sys]=timeout
     R[storm_from_start.$sys]=$(awk -v a="${R[storm_listen.$sys]}" -v b="${R[storm_online.$sys]}" \
         'BEGIN { if (b == "timeout") print "timeout"; else printf "%.2f", a + b }')
+    handshakes=$(handshakes "$sys")
+    [[ -z $handshakes ]] || log "storm $sys: the server's handshakes since its restart: $handshakes"
+    log "storm $sys: kernel TCP counters with all online again: $(tcp_counters)"
     sleep 2
     stop "$fleet_pid" 30
     # Errors by kind, from the fleet's summary line on stderr.
@@ -454,6 +482,8 @@ storm() {
         | awk -F= '{ n += $2 } END { print n + 0 }')
     log "storm $sys: halt ${R[storm_halt.$sys]} s, listening ${R[storm_listen.$sys]} s after start, all online" \
         "${R[storm_online.$sys]} s after that; connect errors: ${R[storm_kinds.$sys]}"
+    # The first error of each kind in each process, as the fleet printed it.
+    grep -E '^device-sim: connect: ' "$dir/storm.log" | sort | uniq -c | sed 's/^/    /' >&2 || true
 }
 
 for sys in ours node; do

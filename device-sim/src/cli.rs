@@ -131,6 +131,8 @@ pub struct RunArgs {
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub sharding: Sharding,
 }
 
 /// Options of `bench`.

@@ -315,7 +315,8 @@ impl ConnectError {
                     retry_after,
                 }
             }
-            tungstenite::Error::Io(e) => ConnectError::Io(e),
+            // The TCP connection (and TLS) stood: a failure now is one of the upgrade (the
+            // gateway closing it at its handshake deadline, say), not `connect: tcp`.
             other => ConnectError::Handshake(other),
         }
     }
@@ -514,6 +515,17 @@ impl AsyncWrite for Transport {
 mod tests {
     use super::*;
     use crate::mock::{self, Mock, Script};
+
+    #[test]
+    fn a_connection_cut_during_the_upgrade_is_a_failed_handshake_not_a_refused_connect() {
+        let cut = tungstenite::Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof));
+        assert_eq!(
+            ConnectError::from_handshake(cut).kind(),
+            "connect: websocket handshake"
+        );
+        let refused = ConnectError::from(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(refused.kind(), "connect: tcp");
+    }
 
     #[tokio::test]
     async fn connects_over_tls_and_reads_the_welcome() {

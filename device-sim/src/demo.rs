@@ -13,6 +13,7 @@ use tokio::process::{Child, ChildStdout, Command};
 use crate::cli::{Common, DemoArgs, RunArgs};
 use crate::fleet;
 use crate::run;
+use crate::shards::Sharding;
 use crate::shutdown::Signals;
 use crate::tokens::{self, Secret};
 
@@ -99,6 +100,7 @@ pub async fn demo(common: &Common, args: &DemoArgs) -> Result<bool> {
         chaos_duplicate_rate: 0.0,
         clock_skew: chrono::TimeDelta::zero(),
         json: false,
+        sharding: Sharding::default(),
     };
     let mut exited_early = None;
     let ran = {

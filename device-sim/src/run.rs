@@ -1,6 +1,9 @@
 //! `device-sim run`: a fleet of devices sending telemetry and answering commands until Ctrl-C or
-//! `--duration`; on a terminal, one live status line; at the end, a summary (or JSON).
+//! `--duration`; on a terminal, one live status line; at the end, a summary (or JSON). With
+//! `--processes`, the fleet is spread over child processes (see [`crate::shards`]): the parent
+//! asks them for their figures once a second and shows the sums, as one process would.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::Ordering::Relaxed;
@@ -8,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -15,27 +19,164 @@ use crate::chaos::{Chaos, Clock};
 use crate::cli::{Common, RunArgs};
 use crate::device::{Counters, Device, Profile};
 use crate::fleet;
+use crate::shards::{self, Role, Shard, Shards};
 use crate::shutdown;
-use crate::stats::{self, ErrorTally};
+use crate::stats::{self, ErrorTally, Latency};
+use crate::tokens::Secret;
 
-/// How often the status is shown: live on a terminal, as a log line otherwise.
+/// How often the figures are taken: shown live on a terminal, and as a log line every
+/// [`PROGRESS_TICKS`] otherwise.
 const LIVE_EVERY: Duration = Duration::from_secs(1);
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+const PROGRESS_TICKS: u32 = 10;
+/// What a parent sends a shard to have its figures.
+const STATUS_REQUEST: &str = "status";
 
-/// Runs the fleet until Ctrl-C, SIGTERM or `--duration`; prints a summary line (or JSON).
-/// `Ok(false)` when it ended by itself because every device had stopped (refused for good).
+/// Runs the fleet until Ctrl-C, SIGTERM or `--duration`, in this process or spread over
+/// `--processes`; prints a summary line (or JSON). `Ok(false)` when it ended by itself because
+/// every device had stopped (refused for good), or a shard process failed.
 pub async fn run(common: &Common, args: &RunArgs) -> Result<bool> {
-    run_until(common, args, shutdown::signal()).await
+    match args
+        .sharding
+        .role(args.devices, shards::connections_per_process())?
+    {
+        Role::Alone => run_until(common, args, shutdown::signal()).await,
+        Role::Child(shard) => child(common, args, shard).await,
+        Role::Parent(count) => parent(common, args, count).await,
+    }
 }
 
-/// Runs the fleet until `stop` resolves (or `--duration` ends, or every device stopped); prints
-/// a summary line (or JSON) once the devices have closed their connections. `Ok(false)` when
-/// every device had stopped by itself (refused for good: a wrong token, a disabled device).
+/// Runs the fleet in this process until `stop` resolves (or `--duration` ends, or every device
+/// stopped); prints a summary line (or JSON) once the devices have closed their connections.
+/// `Ok(false)` when every device had stopped by itself (refused for good: a wrong token, a
+/// disabled device).
 pub async fn run_until(
     common: &Common,
     args: &RunArgs,
     stop: impl Future<Output = ()>,
 ) -> Result<bool> {
+    let creds = fleet::credentials(common, args.devices, common.provision).await?;
+    let devices = Devices::start(common, args, creds).await?;
+    eprintln!(
+        "run: {} devices -> {}, {} msgs/s each",
+        args.devices, devices.url, args.rate
+    );
+    watch(Running::Here(devices), args, stop).await
+}
+
+/// Starts `count` shards (after provisioning the whole fleet once) and shows their sums.
+async fn parent(common: &Common, args: &RunArgs, count: usize) -> Result<bool> {
+    profile(args)?;
+    // The children are started without --provision.
+    fleet::credentials(common, args.devices, common.provision).await?;
+    eprintln!(
+        "run: {} devices -> {} over {count} processes (--processes), {} msgs/s each, {} \
+         connecting at a time each",
+        args.devices, common.url, args.rate, common.connect_concurrency
+    );
+    // Cancelled on Ctrl-C or SIGTERM: the children are told to finish even while the parent
+    // waits for their figures.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown::signal().await;
+            stop.cancel();
+        }
+    });
+    let children = Shards::spawn(count, stop.clone())?;
+    watch(Running::Shards(children), args, stop.cancelled()).await
+}
+
+/// One shard: runs its part of the fleet, reports its figures whenever the parent asks (a line
+/// on stdin), and a last time once its stdin closes. Signals are left to the parent, which
+/// stops its shards in order.
+async fn child(common: &Common, args: &RunArgs, shard: Shard) -> Result<bool> {
+    tokio::spawn(async {
+        loop {
+            shutdown::signal().await;
+        }
+    });
+    let creds = fleet::credentials(common, args.devices, false).await?;
+    let mut orders = shards::parent_lines();
+    let mut devices = Devices::start(common, args, shard.take(creds)).await?;
+    loop {
+        tokio::select! {
+            order = orders.recv() => match order {
+                Some(order) if order == STATUS_REQUEST => shards::report(&devices.snapshot())?,
+                Some(order) => bail!("the parent sent `{order}`, not `{STATUS_REQUEST}`"),
+                None => break,
+            },
+            _ = devices.all_stopped(), if !devices.every_device_stopped => {}
+        }
+    }
+    let last = devices.stop().await;
+    shards::report(&last)?;
+    Ok(!last.every_device_stopped)
+}
+
+/// Shows the status until `stop`, `--duration` or every device stopped; then stops the
+/// devices and prints the summary.
+async fn watch(mut fleet: Running, args: &RunArgs, stop: impl Future<Output = ()>) -> Result<bool> {
+    let started = Instant::now();
+    let deadline = async {
+        match args.duration {
+            Some(duration) => tokio::time::sleep(duration).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline, stop);
+    let live = std::io::stderr().is_terminal();
+    let mut status = tokio::time::interval(LIVE_EVERY);
+    // Shards busy connecting may answer late: no burst of rounds to catch up.
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    status.tick().await;
+    let mut ticks = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            _ = &mut deadline => break,
+            _ = fleet.all_stopped() => break,
+            _ = status.tick() => {
+                let snapshot = fleet.snapshot().await?;
+                if snapshot.every_device_stopped {
+                    break;
+                }
+                ticks += 1;
+                let line = snapshot.summary(args.devices).line();
+                if live {
+                    // One line, rewritten in place.
+                    eprint!("\r\x1b[2K{line}");
+                    let _ = std::io::stderr().flush();
+                } else if ticks % PROGRESS_TICKS == 0 {
+                    eprintln!("run: {line}");
+                }
+            }
+        }
+    }
+    if live {
+        eprintln!();
+    }
+    let (last, children_clean) = fleet.stop().await?;
+    if last.every_device_stopped {
+        eprintln!("run: every device has stopped");
+    }
+    eprintln!(
+        "run: stopped after {:.1}s; errors by kind: {}",
+        started.elapsed().as_secs_f64(),
+        stats::describe(&last.errors)
+    );
+    let summary = last.summary(args.devices);
+    if args.json {
+        println!("{}", summary.json());
+    } else {
+        println!("{}", summary.line());
+    }
+    Ok(!last.every_device_stopped && children_clean)
+}
+
+/// The reporting interval and the device profile from the options, checked.
+fn profile(args: &RunArgs) -> Result<(Option<Duration>, Profile)> {
     let period = match args.rate {
         0.0 => None,
         rate if rate.is_finite() && rate > 0.0 && rate <= 10_000.0 => {
@@ -56,98 +197,223 @@ pub async fn run_until(
             skew: args.clock_skew,
         },
     };
-    let creds = fleet::credentials(common, args.devices, common.provision).await?;
-    let connector = fleet::connector(common, args.devices).await?;
-    let counters = Arc::new(Counters::default());
-    let tally = Arc::new(ErrorTally::default());
-    let cancel = CancellationToken::new();
-    let boot = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64;
+    Ok((period, profile))
+}
 
-    eprintln!(
-        "run: {} devices -> {}, {} msgs/s each",
-        creds.len(),
-        connector.url(),
-        args.rate
-    );
-    let started = Instant::now();
-    let mut devices = JoinSet::new();
-    for (id, token) in creds {
-        let device = Device {
-            id,
-            token,
-            boot,
-            period,
-            profile,
-            connector: connector.clone(),
-            counters: counters.clone(),
-            tally: tally.clone(),
-            cancel: cancel.clone(),
+/// Where the figures come from: this process's devices, or the shards'.
+enum Running {
+    Here(Devices),
+    Shards(Shards),
+}
+
+impl Running {
+    /// The figures now (the shards are asked for theirs).
+    async fn snapshot(&mut self) -> Result<Snapshot> {
+        match self {
+            Running::Here(devices) => Ok(devices.snapshot()),
+            Running::Shards(shards) => {
+                shards.tell(STATUS_REQUEST).await?;
+                Ok(Snapshot::merge(shards.next_reports().await?))
+            }
+        }
+    }
+
+    /// Resolves when every device of this process has stopped by itself (the shards tell in
+    /// their snapshots instead).
+    async fn all_stopped(&mut self) {
+        match self {
+            Running::Here(devices) if !devices.every_device_stopped => devices.all_stopped().await,
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Stops every device; the last figures, and whether every shard process ended cleanly.
+    async fn stop(self) -> Result<(Snapshot, bool)> {
+        match self {
+            Running::Here(devices) => Ok((devices.stop().await, true)),
+            Running::Shards(mut shards) => {
+                shards.stop();
+                let last = Snapshot::merge(shards.next_reports().await?);
+                Ok((last, shards.wait().await?))
+            }
+        }
+    }
+}
+
+/// The devices of this process, one task each.
+struct Devices {
+    tasks: JoinSet<()>,
+    counters: Arc<Counters>,
+    tally: Arc<ErrorTally>,
+    cancel: CancellationToken,
+    url: String,
+    /// Every task has ended by itself (refused for good).
+    every_device_stopped: bool,
+}
+
+impl Devices {
+    /// Starts a device for each of `creds` (source addresses spread for the whole fleet).
+    async fn start(
+        common: &Common,
+        args: &RunArgs,
+        creds: Vec<(String, Secret)>,
+    ) -> Result<Devices> {
+        let (period, profile) = profile(args)?;
+        let connector = fleet::connector(common, args.devices).await?;
+        let (counters, tally) = (
+            Arc::new(Counters::default()),
+            Arc::new(ErrorTally::default()),
+        );
+        let cancel = CancellationToken::new();
+        let boot = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let mut tasks = JoinSet::new();
+        for (id, token) in creds {
+            let device = Device {
+                id,
+                token,
+                boot,
+                period,
+                profile,
+                connector: connector.clone(),
+                counters: counters.clone(),
+                tally: tally.clone(),
+                cancel: cancel.clone(),
+            };
+            tasks.spawn(device.run());
+        }
+        Ok(Devices {
+            tasks,
+            counters,
+            tally,
+            cancel,
+            url: connector.url(),
+            every_device_stopped: false,
+        })
+    }
+
+    /// Resolves when every task has ended (cancel-safe).
+    async fn all_stopped(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+        self.every_device_stopped = true;
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot::take(&self.counters, &self.tally, self.every_device_stopped)
+    }
+
+    /// Stops the devices, which close their connections (not waiting forever for a gateway
+    /// that does not answer); the figures, with those online as they were before the stop.
+    async fn stop(mut self) -> Snapshot {
+        let online_at_end = self.counters.connected.load(Relaxed);
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        Snapshot {
+            online: online_at_end,
+            ..self.snapshot()
+        }
+    }
+}
+
+/// The figures of a fleet at one moment, as a shard reports them to its parent (one JSON line).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Snapshot {
+    online: i64,
+    sent: u64,
+    acked: u64,
+    /// Ack latencies, as (microseconds, count) pairs.
+    latency_us: Vec<(u64, u64)>,
+    reconnects: u64,
+    commands: u64,
+    resent: u64,
+    dropped: u64,
+    rejected: u64,
+    unsent: u64,
+    chaos_disconnects: u64,
+    duplicates_sent: u64,
+    errors: BTreeMap<String, u64>,
+    /// Every device has stopped by itself (refused for good).
+    every_device_stopped: bool,
+}
+
+impl Snapshot {
+    fn take(counters: &Counters, tally: &ErrorTally, every_device_stopped: bool) -> Snapshot {
+        Snapshot {
+            online: counters.connected.load(Relaxed),
+            sent: counters.sent.load(Relaxed),
+            acked: counters.acked.load(Relaxed),
+            latency_us: counters.latency.recorded(),
+            reconnects: counters.reconnects.load(Relaxed),
+            commands: counters.commands.load(Relaxed),
+            resent: counters.resent.load(Relaxed),
+            dropped: counters.dropped.load(Relaxed),
+            rejected: counters.rejected.load(Relaxed),
+            unsent: counters.unsent.load(Relaxed),
+            chaos_disconnects: counters.chaos_disconnects.load(Relaxed),
+            duplicates_sent: counters.duplicates_sent.load(Relaxed),
+            errors: tally.snapshot(),
+            every_device_stopped,
+        }
+    }
+
+    /// The shards' figures added up; every device has stopped when every shard's has.
+    fn merge(parts: Vec<Snapshot>) -> Snapshot {
+        let every_device_stopped =
+            !parts.is_empty() && parts.iter().all(|p| p.every_device_stopped);
+        let mut total = Snapshot {
+            every_device_stopped,
+            ..Snapshot::default()
         };
-        devices.spawn(device.run());
-    }
-
-    let deadline = async {
-        match args.duration {
-            Some(duration) => tokio::time::sleep(duration).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline, stop);
-    let live = std::io::stderr().is_terminal();
-    let mut status = tokio::time::interval(if live { LIVE_EVERY } else { PROGRESS_EVERY });
-    status.tick().await;
-    let mut every_device_stopped = false;
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = &mut deadline => break,
-            _ = status.tick() => {
-                let line = Summary::take(args.devices, &counters, &tally).line();
-                if live {
-                    // One line, rewritten in place.
-                    eprint!("\r\x1b[2K{line}");
-                    let _ = std::io::stderr().flush();
-                } else {
-                    eprintln!("run: {line}");
-                }
-            }
-            joined = devices.join_next() => {
-                if joined.is_none() {
-                    eprintln!("\nrun: every device has stopped");
-                    every_device_stopped = true;
-                    break;
-                }
+        let errors = ErrorTally::default();
+        for part in parts {
+            total.online += part.online;
+            total.latency_us.extend(part.latency_us);
+            errors.add(&part.errors);
+            for (sum, value) in [
+                (&mut total.sent, part.sent),
+                (&mut total.acked, part.acked),
+                (&mut total.reconnects, part.reconnects),
+                (&mut total.commands, part.commands),
+                (&mut total.resent, part.resent),
+                (&mut total.dropped, part.dropped),
+                (&mut total.rejected, part.rejected),
+                (&mut total.unsent, part.unsent),
+                (&mut total.chaos_disconnects, part.chaos_disconnects),
+                (&mut total.duplicates_sent, part.duplicates_sent),
+            ] {
+                *sum += value;
             }
         }
-    }
-    if live {
-        eprintln!();
+        total.errors = errors.snapshot();
+        total
     }
 
-    let online_at_end = counters.connected.load(Relaxed);
-    cancel.cancel();
-    // Devices close their sockets; do not wait forever for a gateway that does not answer.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while devices.join_next().await.is_some() {}
-    })
-    .await;
-    let mut summary = Summary::take(args.devices, &counters, &tally);
-    summary.online = online_at_end;
-
-    eprintln!(
-        "run: stopped after {:.1}s; errors by kind: {}",
-        started.elapsed().as_secs_f64(),
-        stats::describe(&tally.snapshot())
-    );
-    if args.json {
-        println!("{}", summary.json());
-    } else {
-        println!("{}", summary.line());
+    /// What the status and summary lines show, for a fleet of `devices`.
+    fn summary(&self, devices: usize) -> Summary {
+        let latency = Latency::default();
+        latency.add_recorded(&self.latency_us);
+        Summary {
+            devices,
+            online: self.online,
+            sent: self.sent,
+            acked: self.acked,
+            latency_ms: latency.p50_p99_ms(),
+            errors: self.errors.values().sum(),
+            reconnects: self.reconnects,
+            commands: self.commands,
+            resent: self.resent,
+            dropped: self.dropped,
+            rejected: self.rejected,
+            unsent: self.unsent,
+            chaos_disconnects: self.chaos_disconnects,
+            duplicates_sent: self.duplicates_sent,
+        }
     }
-    Ok(!every_device_stopped)
 }
 
 /// The counters at one moment.
@@ -171,25 +437,6 @@ struct Summary {
 }
 
 impl Summary {
-    fn take(devices: usize, counters: &Counters, tally: &ErrorTally) -> Summary {
-        Summary {
-            devices,
-            online: counters.connected.load(Relaxed),
-            sent: counters.sent.load(Relaxed),
-            acked: counters.acked.load(Relaxed),
-            latency_ms: counters.latency.p50_p99_ms(),
-            errors: tally.total(),
-            reconnects: counters.reconnects.load(Relaxed),
-            commands: counters.commands.load(Relaxed),
-            resent: counters.resent.load(Relaxed),
-            dropped: counters.dropped.load(Relaxed),
-            rejected: counters.rejected.load(Relaxed),
-            unsent: counters.unsent.load(Relaxed),
-            chaos_disconnects: counters.chaos_disconnects.load(Relaxed),
-            duplicates_sent: counters.duplicates_sent.load(Relaxed),
-        }
-    }
-
     /// The main figures; the store-and-forward and chaos ones only when not zero.
     fn line(&self) -> String {
         let latency = match self.latency_ms {
@@ -298,6 +545,73 @@ mod tests {
         .await;
         assert!(ran.unwrap());
         assert!(!gateway.seen.of_type("telemetry").is_empty());
+    }
+
+    #[test]
+    fn run_takes_processes() {
+        assert_eq!(run_args(&[]).sharding.processes, None);
+        assert_eq!(run_args(&["--processes", "4"]).sharding.processes, Some(4));
+    }
+
+    #[test]
+    fn the_shards_figures_add_up() {
+        let (one, two) = (Counters::default(), Counters::default());
+        let (tally_one, tally_two) = (ErrorTally::default(), ErrorTally::default());
+        one.connected.store(3, Relaxed);
+        two.connected.store(4, Relaxed);
+        one.sent.store(10, Relaxed);
+        two.sent.store(5, Relaxed);
+        two.acked.store(5, Relaxed);
+        one.dropped.store(2, Relaxed);
+        for n in 1..=50 {
+            one.latency.record(Duration::from_micros(n * 10));
+            two.latency.record(Duration::from_micros((n + 50) * 10));
+        }
+        tally_one.record("connect: tcp", "x");
+        tally_one.record("connect: tls", "y");
+        tally_two.record("connect: tcp", "z");
+        let parts = vec![
+            Snapshot::take(&one, &tally_one, true),
+            Snapshot::take(&two, &tally_two, false),
+        ];
+        let total = Snapshot::merge(parts.clone());
+        let summary = total.summary(9);
+        assert_eq!(
+            summary.line(),
+            "online=7/9 sent=15 acked=5 ack p50=0.5ms p99=1.0ms errors=3 reconnects=0 \
+             commands=0 dropped=2"
+        );
+        assert_eq!(
+            stats::describe(&total.errors),
+            "connect: tcp=2, connect: tls=1"
+        );
+        assert!(!total.every_device_stopped, "one shard still has devices");
+        let stopped = parts.into_iter().map(|p| Snapshot {
+            every_device_stopped: true,
+            ..p
+        });
+        assert!(Snapshot::merge(stopped.collect()).every_device_stopped);
+        assert!(!Snapshot::merge(Vec::new()).every_device_stopped);
+    }
+
+    #[test]
+    fn a_snapshot_travels_as_one_json_line() {
+        let counters = Counters::default();
+        counters.acked.store(2, Relaxed);
+        counters.latency.record(Duration::from_millis(3));
+        let tally = ErrorTally::default();
+        tally.record("closed: 1001", "sim-00001");
+        let snapshot = Snapshot::take(&counters, &tally, false);
+        let line = serde_json::to_string(&snapshot).unwrap();
+        assert!(!line.contains('\n'), "{line}");
+        let back: Snapshot = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, snapshot);
+        assert_eq!(
+            back.summary(1).latency_ms,
+            counters.latency.p50_p99_ms(),
+            "the latencies survive the trip"
+        );
+        assert!(back.summary(1).latency_ms.is_some());
     }
 
     #[test]

@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 /// Files a process keeps besides its connections: stdio, the runtime's, the CA and tokens files.
 const RESERVED_FILES: u64 = 64;
 
-/// How a subcommand spreads its connections over processes.
-#[derive(Debug, Clone, Args)]
+/// How a subcommand spreads its connections over processes (by default: as the open-files
+/// limit requires).
+#[derive(Debug, Clone, Default, Args)]
 pub struct Sharding {
     /// Processes to spread the connections over [default: as few as this process's open-files
     /// limit allows, one connection per file].

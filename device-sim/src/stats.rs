@@ -31,6 +31,24 @@ impl Latency {
         histogram.saturating_record(micros);
     }
 
+    /// Every latency recorded so far, as (microseconds, count) pairs: what another process
+    /// needs to add them to its own.
+    pub fn recorded(&self) -> Vec<(u64, u64)> {
+        let histogram = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
+        histogram
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect()
+    }
+
+    /// Adds latencies recorded elsewhere, as [`Latency::recorded`] lists them.
+    pub fn add_recorded(&self, recorded: &[(u64, u64)]) {
+        let mut histogram = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
+        for &(micros, count) in recorded {
+            histogram.saturating_record_n(micros.clamp(1, 60_000_000), count);
+        }
+    }
+
     /// p50 and p99 in milliseconds, `None` before the first record.
     pub fn p50_p99_ms(&self) -> Option<(f64, f64)> {
         let histogram = self.histogram.lock().unwrap_or_else(|e| e.into_inner());
@@ -58,7 +76,11 @@ impl ErrorTally {
             *count == 1
         };
         if first {
-            eprintln!("device-sim: {kind}: {detail} (later ones of this kind are only counted)");
+            // One string, one write: the lines of shard processes sharing stderr do not interleave.
+            let line = format!(
+                "device-sim: {kind}: {detail} (later ones of this kind are only counted)\n"
+            );
+            eprint!("{line}");
         }
     }
 
@@ -70,17 +92,18 @@ impl ErrorTally {
         }
     }
 
+    /// The total count so far.
+    #[cfg(test)]
+    pub fn total(&self) -> u64 {
+        self.snapshot().values().sum()
+    }
+
     /// The counts so far.
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
         self.counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// The total count so far.
-    pub fn total(&self) -> u64 {
-        self.snapshot().values().sum()
     }
 }
 
@@ -108,6 +131,19 @@ mod tests {
             latency.record(Duration::from_micros(n * 10));
         }
         assert_eq!(latency.p50_p99_ms(), Some((0.5, 0.99)));
+    }
+
+    #[test]
+    fn recorded_latencies_add_up_elsewhere() {
+        let (here, there, both) = (Latency::default(), Latency::default(), Latency::default());
+        for n in 1..=50 {
+            here.record(Duration::from_micros(n * 10));
+            there.record(Duration::from_micros((n + 50) * 10));
+        }
+        both.add_recorded(&here.recorded());
+        both.add_recorded(&there.recorded());
+        assert_eq!(both.p50_p99_ms(), Some((0.5, 0.99)));
+        assert_eq!(Latency::default().recorded(), []);
     }
 
     #[test]

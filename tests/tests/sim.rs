@@ -2,7 +2,7 @@
 //! online and its telemetry is stored, its devices answer commands sent through the API, readings
 //! taken while the gateway is down arrive after it is back without gap or duplicate, a fleet
 //! that lost its gateway comes back spread out, its `--json` summary, the README's demo, and
-//! `idle` and `bench` spread over processes when one may not open enough files.
+//! `idle`, `bench` and `run` spread over processes when one may not open enough files.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -683,6 +683,97 @@ async fn bench_spreads_a_fleet_over_processes_and_adds_up_their_measurements() {
         stored_messages += items;
     }
     assert_eq!(stored_messages, sent, "{results}");
+}
+
+#[tokio::test]
+async fn run_spreads_a_fleet_over_processes_and_adds_up_their_figures() {
+    const DEVICES: usize = 30;
+    let gw = Gateway::start(Options::new()).await;
+    let api = gw.api();
+    let ids = fleet_ids("sim", DEVICES);
+    let sim = Sim::against(&gw)
+        .own_process_group()
+        .args(["--provision", "run", "--devices", &DEVICES.to_string()])
+        .args(["--rate", "5", "--processes", "3", "--json"])
+        .spawn();
+    wait_all_online(&api, &ids, ONLINE_WAIT).await;
+    assert_eq!(online_ids(&api).await, ids, "exactly the fleet is online");
+    let shards = children_of(sim.pid);
+    assert_eq!(shards.len(), 3, "shard processes of {}", sim.pid);
+    // Every shard's devices send (the ids are dealt round-robin over the shards).
+    eventually("a reading of every device stored", ONLINE_WAIT, || async {
+        for id in &ids {
+            if stored(&api, id).await.is_empty() {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+
+    // Ctrl-C reaches the whole group: the shards leave stopping to the parent, which stops
+    // them, adds up their last figures and prints one summary.
+    let out = sim.interrupt_group().await;
+    let summary = out.summary();
+    assert!(
+        out.stderr.contains(&format!(
+            "run: {DEVICES} devices -> {} over 3 processes (--processes)",
+            gw.device_url
+        )),
+        "{}",
+        out.stderr
+    );
+    let stopped = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("run: stopped after "))
+        .collect::<Vec<_>>();
+    assert!(
+        matches!(stopped.as_slice(), [line] if line.ends_with("; errors by kind: none")),
+        "one summary line, from the parent:\n{}",
+        out.stderr
+    );
+    for field in SUMMARY_FIELDS {
+        assert!(summary.get(field).is_some(), "{field} missing in {summary}");
+    }
+    assert_eq!(count(&summary, "devices"), DEVICES as u64, "{summary}");
+    assert_eq!(count(&summary, "online"), DEVICES as u64, "{summary}");
+    assert_eq!(count(&summary, "errors"), 0, "{summary}");
+    let (sent, acked) = (count(&summary, "sent"), count(&summary, "acked"));
+    assert!(sent >= DEVICES as u64 && acked <= sent, "{summary}");
+    assert!(summary["ack_p99_ms"].as_f64().is_some(), "{summary}");
+    wait_none_online(&api, ONLINE_WAIT).await;
+    // Messages (several readings each at times), by id: the acked ones are stored, and maybe
+    // some sent in the last moment, whose ack came too late.
+    let mut messages = HashSet::new();
+    for id in &ids {
+        for item in stored(&api, id).await {
+            messages.insert(item["id"].as_str().expect("message id").to_string());
+        }
+    }
+    let stored_messages = messages.len() as u64;
+    assert!(
+        acked <= stored_messages && stored_messages <= sent,
+        "{stored_messages} stored: {summary}"
+    );
+    for pid in shards {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "shard {pid} outlived its parent"
+        );
+    }
+
+    // --duration ends a sharded run as it ends one process's.
+    let out = Sim::against(&gw)
+        .args(["run", "--devices", "4", "--rate", "0", "--processes", "2"])
+        .args(["--duration", "2s", "--json"])
+        .spawn()
+        .wait()
+        .await;
+    let summary = out.summary();
+    assert_eq!(count(&summary, "devices"), 4, "{summary}");
+    assert_eq!(count(&summary, "online"), 4, "{summary}");
+    assert_eq!(count(&summary, "sent"), 0, "{summary}");
 }
 
 /// The gateway's pid from the demo's `demo: started ... (pid N)` line.
