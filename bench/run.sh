@@ -41,7 +41,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCENARIOS=${SCENARIOS:-ingest commands idle storm}
-PEERS=${PEERS:-node mosquitto}
+PEERS=${PEERS-node mosquitto}
 INGEST_DURATION=${INGEST_DURATION:-30}
 INGEST_WARMUP=${INGEST_WARMUP:-2}
 INGEST_DEVICES=${INGEST_DEVICES:-100}

@@ -140,17 +140,15 @@ impl Gateway {
                 key_path.display()
             );
         }
-        let bind = |which, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| GatewayError::Bind {
-                    which,
-                    addr,
-                    source,
-                })
+        let bind = |which, addr| {
+            listen(addr).map_err(|source| GatewayError::Bind {
+                which,
+                addr,
+                source,
+            })
         };
-        let device_listener = bind("device", settings.device_addr).await?;
-        let api_listener = bind("API", settings.api_addr).await?;
+        let device_listener = bind("device", settings.device_addr)?;
+        let api_listener = bind("API", settings.api_addr)?;
         Ok(Gateway {
             settings: Arc::new(settings),
             store,
@@ -315,4 +313,22 @@ impl Gateway {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Connections the kernel may hold for the accept loop (it caps this at
+/// `net.core.somaxconn`): a fleet reconnecting at once after a restart waits in the queue
+/// instead of being reset while the gateway works through its handshakes. Tokio's `bind`
+/// asks for 1024.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener as `TcpListener::bind` does (`SO_REUSEADDR`), with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
