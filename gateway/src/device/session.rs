@@ -496,12 +496,10 @@ where
     /// for queued ones the window lets through.
     async fn on_commands_changed(&mut self) -> Result<(), WsError> {
         let (ready, recheck) = self.handle.take_commands();
-        let mut wrote = false;
-        for (_, text) in ready {
-            self.ws.feed(Message::text(text)).await?;
-            wrote = true;
-        }
-        if wrote {
+        if !ready.is_empty() {
+            for (_, text) in ready {
+                self.ws.feed(Message::text(text)).await?;
+            }
             self.ws.flush().await?;
         }
         if recheck {
