@@ -20,7 +20,8 @@ use crate::events::{EventKind, Events, Payload};
 use crate::hub::Hub;
 use crate::metrics::METRICS;
 use crate::store::commands::{
-    Answer, Cancel, CommandOp, CommandOutcome, CommandRow, Delivery, NewCommand, Queued, Status,
+    Answer, Cancel, CommandOp, CommandOutcome, CommandRow, ConnectListing, Delivery, NewCommand,
+    Queued, Status,
 };
 use crate::store::writer::{committed, CommandReceipt, Writer};
 use crate::store::{Store, StoreError};
@@ -197,9 +198,10 @@ impl Commands {
         Ok(outcome)
     }
 
-    /// Commands a reconnecting device was sent but never acked: they go out again.
-    pub async fn unacked(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
-        self.store.unacked_commands(device_pk).await
+    /// Commands a connecting device was sent but never acked (they go out again), and
+    /// whether any wait in its queue.
+    pub async fn connect_listing(&self, device_pk: i64) -> Result<ConnectListing, StoreError> {
+        self.store.connect_listing(device_pk).await
     }
 
     /// Marks the next queued commands sent, within the window; the session writes them out.

@@ -514,10 +514,14 @@ where
         let commands = self.ctx.commands.clone();
         let pk = self.me.device_pk;
         let mut due = Vec::new();
-        let look = self.handle.take_backlog();
+        // Taken before the listing: a command queued after it sets the flag again.
+        let mut look = self.handle.take_backlog();
         let listed = async {
             if reconnect {
-                due = commands.unacked(pk).await?;
+                let listing = commands.connect_listing(pk).await?;
+                due = listing.unacked;
+                // With nothing queued, the commit that would take from the queue is saved.
+                look &= listing.any_queued;
             }
             if look {
                 let taken = commands.take_for_delivery(pk).await?;

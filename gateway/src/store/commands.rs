@@ -88,6 +88,15 @@ pub struct CommandRow {
     pub idempotency_key: Option<String>,
 }
 
+/// See [`Store::connect_listing`].
+#[derive(Debug)]
+pub struct ConnectListing {
+    /// Sent but not acked, oldest first: they go out again.
+    pub unacked: Vec<CommandRow>,
+    /// Some commands wait in the queue.
+    pub any_queued: bool,
+}
+
 impl CommandRow {
     /// When a delivered command times out (epoch ms).
     pub fn result_deadline(&self) -> Option<i64> {
@@ -491,14 +500,29 @@ impl Store {
         Ok(rows.into_iter().map(|l| (l.rowid, l.row)).collect())
     }
 
-    /// A device's commands that were sent but not acked, oldest first.
-    pub async fn unacked_commands(&self, device_pk: i64) -> Result<Vec<CommandRow>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT * FROM commands WHERE device_pk = ?1 AND status = 'sent' ORDER BY rowid",
+    /// What a connecting device is owed, in one read: its commands that were sent but not
+    /// acked (oldest first), and whether any wait in its queue.
+    pub async fn connect_listing(&self, device_pk: i64) -> Result<ConnectListing, StoreError> {
+        // The oldest queued command, if any, comes along to say that there are some.
+        let rows: Vec<CommandRow> = sqlx::query_as(
+            "SELECT rowid AS n, * FROM commands WHERE device_pk = ?1 AND status = 'sent' \
+             UNION ALL \
+             SELECT * FROM (SELECT rowid AS n, * FROM commands \
+                            WHERE device_pk = ?1 AND status = 'queued' ORDER BY rowid LIMIT 1) \
+             ORDER BY n",
         )
         .bind(device_pk)
         .fetch_all(&self.read)
-        .await?)
+        .await?;
+        let any_queued = rows.iter().any(|r| r.status == Status::Queued);
+        let unacked = rows
+            .into_iter()
+            .filter(|r| r.status == Status::Sent)
+            .collect();
+        Ok(ConnectListing {
+            unacked,
+            any_queued,
+        })
     }
 
     /// Commands that are not final, for re-arming their timers at start-up.
@@ -709,6 +733,39 @@ mod tests {
             ["c4"]
         );
         assert!(!last.maybe_more, "two slots were free, the queue is empty");
+    }
+
+    #[tokio::test]
+    async fn the_connect_listing_has_the_unacked_and_says_whether_any_are_queued() {
+        let (_d, store) = store().await;
+        let ids = |l: &ConnectListing| l.unacked.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        let empty = store.connect_listing(1).await.unwrap();
+        assert!(ids(&empty).is_empty() && !empty.any_queued);
+        for i in 0..4 {
+            store
+                .queue_command(&new(&format!("c{i}"), 1, 10 + i), 100)
+                .await
+                .unwrap();
+        }
+        store
+            .queue_command(&new("other", 2, 10), 100)
+            .await
+            .unwrap();
+        let queued = store.connect_listing(1).await.unwrap();
+        assert!(ids(&queued).is_empty(), "queued commands are not unacked");
+        assert!(queued.any_queued);
+        store.take_for_delivery(1, 3, 20).await.unwrap();
+        store
+            .command_completed(1, "c1", Status::Succeeded, Some("{}"), None, 22)
+            .await
+            .unwrap();
+        let both = store.connect_listing(1).await.unwrap();
+        assert_eq!(ids(&both), ["c0", "c2"], "sent and not acked, oldest first");
+        assert!(both.any_queued, "c3 waits");
+        store.take_for_delivery(1, 3, 23).await.unwrap();
+        let sent = store.connect_listing(1).await.unwrap();
+        assert_eq!(ids(&sent), ["c0", "c2", "c3"]);
+        assert!(!sent.any_queued, "device 2's command is not device 1's");
     }
 
     #[tokio::test]

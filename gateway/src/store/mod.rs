@@ -55,6 +55,12 @@ pub const DEFAULT_WAL_MAX_BYTES: u64 = 64 << 20;
 /// `wal_autocheckpoint` counts pages of it.
 const PAGE_BYTES: u64 = 4096;
 
+/// `(?,?),(?,?)...`: `rows` rows of `columns` parameters, for multi-row statements.
+fn values(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(","));
+    vec![row; rows].join(",")
+}
+
 /// Both pools of one SQLite database file.
 #[derive(Clone, Debug)]
 pub struct Store {

@@ -3,7 +3,7 @@
 use futures_util::TryStreamExt;
 use sqlx::{FromRow, Row, SqliteConnection};
 
-use super::{Store, StoreError};
+use super::{values, Store, StoreError};
 
 /// One stored point.
 #[derive(Debug, Clone, FromRow)]
@@ -136,17 +136,10 @@ pub(super) async fn insert_rows(
 ) -> Result<u64, sqlx::Error> {
     let mut inserted = 0;
     for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
-        let mut sql = String::with_capacity(96 + chunk.len() * 14);
-        sql.push_str(
-            "INSERT OR IGNORE INTO telemetry (device_pk, msg_id, seq, ts, received_at, data) VALUES ",
+        let sql = format!(
+            "INSERT OR IGNORE INTO telemetry (device_pk, msg_id, seq, ts, received_at, data) VALUES {}",
+            values(chunk.len(), 6)
         );
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 {
-                "(?,?,?,?,?,?)"
-            } else {
-                ",(?,?,?,?,?,?)"
-            });
-        }
         let mut q = sqlx::query(&sql).persistent(false);
         for r in chunk {
             q = q

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::commands::{CommandOp, CommandOutcome};
-use super::sessions::{record_end, record_start, SessionEnd, SessionStart};
+use super::sessions::{record_ends, record_starts, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
 use super::{Checkpoint, Store, StoreError};
 use crate::device::protocol::Point;
@@ -387,15 +387,19 @@ async fn commit(store: &Store, batch: &[WriteJob]) -> Result<Vec<CommandOutcome>
     let rows = rows(batch);
     let mut tx = store.begin_write().await?;
     insert_rows(&mut tx, &rows).await?;
-    let mut outcomes = Vec::new();
+    // Sessions and commands touch different rows; a session's end never shares a batch
+    // with its start, which it waits for.
+    let (mut starts, mut ends, mut outcomes) = (Vec::new(), Vec::new(), Vec::new());
     for job in batch {
         match job {
-            WriteJob::SessionStart(s, _) => record_start(&mut tx, s).await?,
-            WriteJob::SessionEnd(e, _) => record_end(&mut tx, e).await?,
+            WriteJob::SessionStart(s, _) => starts.push(s),
+            WriteJob::SessionEnd(e, _) => ends.push(e),
             WriteJob::Command(op, _) => outcomes.push(op.apply(&mut tx).await?),
             WriteJob::Telemetry(_) => {}
         }
     }
+    record_starts(&mut tx, &starts).await?;
+    record_ends(&mut tx, &ends).await?;
     tx.commit().await?;
     Ok(outcomes)
 }
