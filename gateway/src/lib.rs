@@ -227,6 +227,10 @@ impl Gateway {
             shutdown.clone(),
         )
         .await?;
+        // Sessions close only once the listener is closed. Told at the same moment, they
+        // would be answered by devices reconnecting into the listen queue before the
+        // accept loop got its turn to close it, and every one queued there would be reset.
+        let closing = CancellationToken::new();
         let ctx = Arc::new(DeviceContext {
             settings: settings.clone(),
             store: store.clone(),
@@ -239,7 +243,7 @@ impl Gateway {
                 settings.max_connections_per_ip,
                 settings.device_connects_per_min,
             ),
-            shutdown: shutdown.clone(),
+            shutdown: closing.clone(),
         });
 
         let device_endpoint = api::console::DeviceEndpoint {
@@ -253,6 +257,7 @@ impl Gateway {
             device_acceptor,
             ctx.clone(),
             sessions.clone(),
+            shutdown.clone(),
         ));
 
         let router = api::router(api::ApiState {
@@ -289,6 +294,7 @@ impl Gateway {
         shutdown.cancelled().await;
         tracing::info!("shutting down: closing device connections");
         let _ = accept_loop.await;
+        closing.cancel();
         sessions.close();
         if tokio::time::timeout(settings.shutdown_grace, sessions.wait())
             .await

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -21,12 +22,14 @@ use super::DeviceContext;
 use crate::metrics::METRICS;
 use crate::store::devices::TokenOwner;
 
-/// Accepts device connections until shutdown; each runs in its own tracked task.
+/// Accepts device connections until `stop` is cancelled, then closes the listener; each
+/// connection runs in its own tracked task.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     ctx: Arc<DeviceContext>,
     tracker: TaskTracker,
+    stop: CancellationToken,
 ) {
     let mut failing = AcceptFailures::default();
     // A slot per connection still in its handshakes, taken before accepting: a flood of
@@ -34,11 +37,11 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(ctx.settings.max_handshakes));
     loop {
         let slot = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
         };
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {

@@ -29,5 +29,7 @@ pub struct DeviceContext {
     pub commands: Arc<Commands>,
     pub events: Arc<Events>,
     pub limits: Arc<limits::Limits>,
+    /// Cancelled on shutdown once the listener is closed: sessions close and handshakes in
+    /// progress are refused.
     pub shutdown: CancellationToken,
 }

@@ -110,6 +110,10 @@ impl Store {
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            // An SQLite connection is a library handle, not a socket that can go stale: the
+            // ping sqlx sends before handing one out would cost a round trip to its worker
+            // thread on every transaction and every read, for nothing.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(60))
             // When a COMMIT fails (disk full, I/O error) SQLite may roll the transaction back
             // by itself; sqlx's own ROLLBACK then fails and it goes on counting an open
@@ -139,6 +143,7 @@ impl Store {
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(base.read_only(true).pragma("query_only", "true"))
             .await?;
