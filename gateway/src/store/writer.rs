@@ -133,9 +133,16 @@ pub struct WriterConfig {
 }
 
 /// The sending side, cloned into every session.
+///
+/// Command changes have a queue of their own that the writer serves first, in batches of
+/// their own: an operator's command then waits for the commit in progress and one small
+/// commit, not for a telemetry backlog and a commit of hundreds of rows. Each queue keeps
+/// its order; no job of one depends on a job of the other still queued (a session awaits
+/// the commits it builds on, such as its start and the requeue before its end).
 #[derive(Debug, Clone)]
 pub struct Writer {
     tx: mpsc::Sender<WriteJob>,
+    commands: mpsc::Sender<WriteJob>,
     /// The last batch failed to commit (disk full, I/O error): readiness reports it.
     failing: Arc<AtomicBool>,
 }
@@ -148,6 +155,7 @@ impl Writer {
     /// a commit's latency is the database's, not the scheduler's.
     pub fn spawn(store: Store, config: WriterConfig, events: Arc<Events>) -> (Writer, WriterTask) {
         let (tx, rx) = mpsc::channel(config.queue);
+        let (commands, commands_rx) = mpsc::channel(config.queue);
         let (finished, task) = oneshot::channel();
         let failing = Arc::new(AtomicBool::new(false));
         let health = Failures::new(failing.clone());
@@ -158,11 +166,22 @@ impl Writer {
         std::thread::Builder::new()
             .name("telemetry-writer".into())
             .spawn(move || {
-                runtime.block_on(run(store, config, rx, &events, health));
+                let queues = Queues {
+                    commands: commands_rx,
+                    other: rx,
+                };
+                runtime.block_on(run(store, config, queues, &events, health));
                 let _ = finished.send(());
             })
             .expect("spawning the writer thread");
-        (Writer { tx, failing }, task)
+        (
+            Writer {
+                tx,
+                commands,
+                failing,
+            },
+            task,
+        )
     }
 
     /// True while commits fail (from a failed batch until the next one that commits).
@@ -172,7 +191,11 @@ impl Writer {
 
     /// Queues a job, waiting while the queue is full (this is the backpressure).
     pub async fn submit(&self, job: WriteJob) -> Result<(), StoreError> {
-        self.tx.send(job).await.map_err(|_| StoreError::WriterGone)
+        let queue = match job {
+            WriteJob::Command(..) => &self.commands,
+            _ => &self.tx,
+        };
+        queue.send(job).await.map_err(|_| StoreError::WriterGone)
     }
 
     /// Queues a command change; the receiver gets its outcome once committed.
@@ -202,10 +225,37 @@ pub fn committed(
     }
 }
 
+/// The writer's two queues (see [`Writer`]).
+struct Queues {
+    commands: mpsc::Receiver<WriteJob>,
+    /// Telemetry and session starts and ends.
+    other: mpsc::Receiver<WriteJob>,
+}
+
+impl Queues {
+    /// The next job, a command change first; `None` once every sender is gone and both
+    /// queues are empty (the senders are dropped together, with the last `Writer`).
+    async fn next(&mut self) -> Option<WriteJob> {
+        tokio::select! {
+            biased;
+            Some(job) = self.commands.recv() => Some(job),
+            job = self.other.recv() => job,
+        }
+    }
+
+    /// The queue `job` came from.
+    fn of(&mut self, job: &WriteJob) -> &mut mpsc::Receiver<WriteJob> {
+        match job {
+            WriteJob::Command(..) => &mut self.commands,
+            _ => &mut self.other,
+        }
+    }
+}
+
 async fn run(
     store: Store,
     config: WriterConfig,
-    mut rx: mpsc::Receiver<WriteJob>,
+    mut queues: Queues,
     events: &Events,
     mut health: Failures,
 ) {
@@ -215,7 +265,7 @@ async fn run(
     let mut next_forced = Instant::now();
     loop {
         let first = if wal_dirty {
-            match tokio::time::timeout(config.idle_checkpoint, rx.recv()).await {
+            match tokio::time::timeout(config.idle_checkpoint, queues.next()).await {
                 Ok(job) => job,
                 Err(_) => {
                     wal_dirty = false;
@@ -224,31 +274,38 @@ async fn run(
                 }
             }
         } else {
-            rx.recv().await
+            queues.next().await
         };
         let Some(first) = first else { break };
         let mut rows = first.rows();
+        // A batch takes from its first job's queue only.
+        let commands = matches!(first, WriteJob::Command(..));
+        let mut receipts_only = first.is_receipt();
+        let rx = queues.of(&first);
         batch.push(first);
-        let deadline = Instant::now() + config.max_delay;
-        let receipts_until = Instant::now() + RECEIPT_DELAY;
+        let now = Instant::now();
+        let (deadline, receipts_until) = (now + config.max_delay, now + RECEIPT_DELAY);
         while rows < config.max_rows {
-            let next = match rx.try_recv() {
-                Ok(job) => Some(job),
-                Err(mpsc::error::TryRecvError::Empty) if !config.max_delay.is_zero() => {
-                    tokio::time::timeout_at(deadline, rx.recv())
+            // Telemetry may wait for company up to the configured delay; a batch of command
+            // receipts waits up to RECEIPT_DELAY for the result that tends to follow; other
+            // command changes never wait.
+            let wait_until = if commands {
+                receipts_only.then_some(receipts_until)
+            } else {
+                (!config.max_delay.is_zero()).then_some(deadline)
+            };
+            let next = match (rx.try_recv(), wait_until) {
+                (Ok(job), _) => Some(job),
+                (Err(mpsc::error::TryRecvError::Empty), Some(until)) => {
+                    tokio::time::timeout_at(until, rx.recv())
                         .await
                         .ok()
                         .flatten()
                 }
-                Err(mpsc::error::TryRecvError::Empty) if batch.iter().all(WriteJob::is_receipt) => {
-                    tokio::time::timeout_at(receipts_until, rx.recv())
-                        .await
-                        .ok()
-                        .flatten()
-                }
-                Err(_) => None,
+                (Err(_), _) => None,
             };
             let Some(job) = next else { break };
+            receipts_only &= job.is_receipt();
             rows += job.rows();
             batch.push(job);
         }
@@ -455,6 +512,37 @@ mod tests {
             Arc::new(Events::new(100, 1)),
         );
         (store, writer, task)
+    }
+
+    /// A command change queued after telemetry is served first; each queue keeps its order.
+    #[tokio::test]
+    async fn command_changes_go_before_queued_telemetry() {
+        let (tx, other) = mpsc::channel(8);
+        let (ctx, commands) = mpsc::channel(8);
+        let mut queues = Queues { commands, other };
+        for id in ["m1", "m2"] {
+            tx.send(job(1, id, &[(None, "{}")]).0).await.unwrap();
+        }
+        let delivered = |id: &str| {
+            let op = CommandOp::Delivered {
+                device_pk: 1,
+                id: id.into(),
+                now: 1,
+            };
+            WriteJob::Command(op, oneshot::channel().0)
+        };
+        ctx.send(delivered("c1")).await.unwrap();
+        ctx.send(delivered("c2")).await.unwrap();
+        let mut order = Vec::new();
+        drop((tx, ctx));
+        while let Some(job) = queues.next().await {
+            order.push(match job {
+                WriteJob::Telemetry(t) => t.msg_id,
+                WriteJob::Command(CommandOp::Delivered { id, .. }, _) => id,
+                other => panic!("{other:?}"),
+            });
+        }
+        assert_eq!(order, ["c1", "c2", "m1", "m2"]);
     }
 
     #[test]
