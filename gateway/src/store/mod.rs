@@ -56,9 +56,17 @@ pub const DEFAULT_WAL_MAX_BYTES: u64 = 64 << 20;
 const PAGE_BYTES: u64 = 4096;
 
 /// `(?,?),(?,?)...`: `rows` rows of `columns` parameters, for multi-row statements.
+/// Built in one allocation: it is on the telemetry writer's path, once per batch.
 fn values(rows: usize, columns: usize) -> String {
-    let row = format!("({})", vec!["?"; columns].join(","));
-    vec![row; rows].join(",")
+    let mut sql = String::with_capacity(rows * (2 * columns + 2));
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(?" } else { ",(?" });
+        for _ in 1..columns {
+            sql.push_str(",?");
+        }
+        sql.push(')');
+    }
+    sql
 }
 
 /// Both pools of one SQLite database file.
@@ -207,6 +215,13 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_lists_rows_of_parameters() {
+        assert_eq!(values(1, 1), "(?)");
+        assert_eq!(values(2, 3), "(?,?,?),(?,?,?)");
+        assert_eq!(values(0, 3), "");
+    }
 
     async fn open(sync: Synchronous) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

@@ -101,32 +101,28 @@ pub(super) async fn record_ends(
             values(devices.len(), 4)
         );
         let mut q = sqlx::query(&sql).persistent(false);
-        for e in &devices {
+        for (e, last_seen_at) in devices {
             q = q
                 .bind(e.device_pk)
                 .bind(e.disconnected_at)
                 .bind(e.reason)
-                .bind(e.last_seen_at);
+                .bind(last_seen_at);
         }
         q.execute(&mut *conn).await?;
     }
     Ok(())
 }
 
-/// One end per device: its latest (the later in the batch on a tie), seen as late as any.
-fn latest_per_device(ends: &[&SessionEnd]) -> Vec<SessionEnd> {
-    let mut by_device: std::collections::HashMap<i64, SessionEnd> = Default::default();
-    for e in ends {
-        by_device
-            .entry(e.device_pk)
-            .and_modify(|kept| {
-                let last_seen_at = kept.last_seen_at.max(e.last_seen_at);
-                if e.disconnected_at >= kept.disconnected_at {
-                    *kept = (*e).clone();
-                }
-                kept.last_seen_at = last_seen_at;
-            })
-            .or_insert_with(|| (*e).clone());
+/// One end per device: its latest (the later in the batch on a tie), with the latest time
+/// it was seen in any of its ends.
+fn latest_per_device<'a>(ends: &[&'a SessionEnd]) -> Vec<(&'a SessionEnd, i64)> {
+    let mut by_device: std::collections::HashMap<i64, (&SessionEnd, i64)> = Default::default();
+    for &e in ends {
+        let kept = by_device.entry(e.device_pk).or_insert((e, e.last_seen_at));
+        if e.disconnected_at >= kept.0.disconnected_at {
+            kept.0 = e;
+        }
+        kept.1 = kept.1.max(e.last_seen_at);
     }
     by_device.into_values().collect()
 }
