@@ -81,6 +81,7 @@ pub struct Common {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a fleet that sends telemetry and answers commands, reconnecting as real devices do.
+    /// On SIGUSR1 it prints the errors so far, by kind ("run: at 12.3s; errors by kind: ...").
     Run(RunArgs),
     /// Measure acked telemetry throughput and ack latency with a fixed number of messages in flight.
     Bench(BenchArgs),

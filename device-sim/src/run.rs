@@ -125,6 +125,7 @@ async fn watch(mut fleet: Running, args: &RunArgs, stop: impl Future<Output = ()
         }
     };
     tokio::pin!(deadline, stop);
+    let mut reports = shutdown::ReportRequests::catch();
     let live = std::io::stderr().is_terminal();
     let mut status = tokio::time::interval(LIVE_EVERY);
     // Shards busy connecting may answer late: no burst of rounds to catch up.
@@ -137,6 +138,17 @@ async fn watch(mut fleet: Running, args: &RunArgs, stop: impl Future<Output = ()
             _ = &mut stop => break,
             _ = &mut deadline => break,
             _ = fleet.all_stopped() => break,
+            _ = reports.next() => {
+                let snapshot = fleet.snapshot().await?;
+                if live {
+                    eprintln!();
+                }
+                eprintln!(
+                    "run: at {:.1}s; errors by kind: {}",
+                    started.elapsed().as_secs_f64(),
+                    stats::describe(&snapshot.errors)
+                );
+            }
             _ = status.tick() => {
                 let snapshot = fleet.snapshot().await?;
                 if snapshot.every_device_stopped {

@@ -74,3 +74,33 @@ impl Signals {
         }
     }
 }
+
+/// SIGUSR1, caught from the moment this is created: `run` answers it with the errors so far,
+/// so a script can tell the errors before an event from those after it. Never fires
+/// elsewhere, or when the handler cannot be installed.
+pub struct ReportRequests {
+    #[cfg(unix)]
+    usr1: Option<tokio::signal::unix::Signal>,
+}
+
+impl ReportRequests {
+    /// Starts catching SIGUSR1.
+    pub fn catch() -> ReportRequests {
+        ReportRequests {
+            #[cfg(unix)]
+            usr1: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+                .ok(),
+        }
+    }
+
+    /// The next SIGUSR1.
+    pub async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(usr1) = &mut self.usr1 {
+            if usr1.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}

@@ -204,6 +204,11 @@ impl SimProcess {
         self.wait().await
     }
 
+    /// `SIGUSR1` to the process (a running fleet prints its errors so far).
+    pub fn request_report(&self) {
+        signal(&self.pid.to_string(), "-USR1");
+    }
+
     /// `SIGINT` to its whole process group (a terminal's Ctrl-C), then wait for it to exit.
     pub async fn interrupt_group(self) -> SimOutput {
         signal(&format!("-{}", self.pid), "-INT");

@@ -711,6 +711,19 @@ async fn run_spreads_a_fleet_over_processes_and_adds_up_their_figures() {
     })
     .await;
 
+    // SIGUSR1 to the parent: it prints the errors so far, of every shard, and runs on.
+    sim.request_report();
+    let report = eventually("the errors so far, on SIGUSR1", ONLINE_WAIT, || async {
+        sim.stderr()
+            .lines()
+            .find(|l| l.starts_with("run: at "))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(report.ends_with("s; errors by kind: none"), "{report}");
+    assert_eq!(children_of(sim.pid).len(), 3, "the shards run on");
+    assert_eq!(online_ids(&api).await, ids, "the fleet stays online");
+
     // Ctrl-C reaches the whole group: the shards leave stopping to the parent, which stops
     // them, adds up their last figures and prints one summary.
     let out = sim.interrupt_group().await;
