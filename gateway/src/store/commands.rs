@@ -4,9 +4,8 @@
 //! it may leave, so a late timer, a second session or a duplicate answer finds
 //! nothing to change instead of undoing a newer state.
 
+use rusqlite::OptionalExtension;
 use sqlx::FromRow;
-
-use sqlx::SqliteConnection;
 
 use super::{Store, StoreError};
 
@@ -220,20 +219,18 @@ pub enum CommandOutcome {
 }
 
 impl CommandOp {
-    /// Applies the change inside the caller's transaction.
-    pub async fn apply(&self, conn: &mut SqliteConnection) -> Result<CommandOutcome, sqlx::Error> {
+    /// Applies the change inside the caller's transaction (the writer's, on its thread).
+    pub fn apply(&self, db: &rusqlite::Connection) -> rusqlite::Result<CommandOutcome> {
         Ok(match self {
             CommandOp::Queue {
                 new,
                 queue_max,
                 deliver_window,
             } => {
-                let queued = queue(conn, new, *queue_max).await?;
+                let queued = queue(db, new, *queue_max)?;
                 let taken = match (&queued, deliver_window) {
                     (Queued::New(_), Some(window)) => {
-                        take_for_delivery(conn, new.device_pk, *window, new.created_at)
-                            .await?
-                            .rows
+                        take_for_delivery(db, new.device_pk, *window, new.created_at)?.rows
                     }
                     _ => Vec::new(),
                 };
@@ -243,34 +240,28 @@ impl CommandOp {
                 device_pk,
                 window,
                 now,
-            } => {
-                CommandOutcome::Delivery(take_for_delivery(conn, *device_pk, *window, *now).await?)
-            }
+            } => CommandOutcome::Delivery(take_for_delivery(db, *device_pk, *window, *now)?),
             CommandOp::Requeue { ids } => {
+                let mut requeue = db.prepare_cached(
+                    "UPDATE commands SET status = 'queued', sent_at = NULL \
+                     WHERE id = ?1 AND status = 'sent' RETURNING *",
+                )?;
                 let mut rows = Vec::with_capacity(ids.len());
                 for id in ids {
-                    let row: Option<CommandRow> = sqlx::query_as(
-                        "UPDATE commands SET status = 'queued', sent_at = NULL \
-                         WHERE id = ?1 AND status = 'sent' RETURNING *",
-                    )
-                    .bind(id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                    rows.extend(row);
+                    rows.extend(requeue.query_row([id], CommandRow::read).optional()?);
                 }
                 CommandOutcome::Taken(rows)
             }
             CommandOp::Delivered { device_pk, id, now } => {
-                let row = sqlx::query_as(
-                    "UPDATE commands SET status = 'delivered', delivered_at = ?3 \
-                     WHERE id = ?1 AND device_pk = ?2 AND status IN ('queued', 'sent') RETURNING *",
-                )
-                .bind(id)
-                .bind(device_pk)
-                .bind(now)
-                .fetch_optional(&mut *conn)
-                .await?;
-                CommandOutcome::Answer(answer(conn, row, *device_pk, id).await?)
+                let row = db
+                    .prepare_cached(
+                        "UPDATE commands SET status = 'delivered', delivered_at = ?3 \
+                         WHERE id = ?1 AND device_pk = ?2 AND status IN ('queued', 'sent') \
+                         RETURNING *",
+                    )?
+                    .query_row((id, device_pk, now), CommandRow::read)
+                    .optional()?;
+                CommandOutcome::Answer(answer(db, row, *device_pk, id)?)
             }
             CommandOp::Completed {
                 device_pk,
@@ -280,100 +271,132 @@ impl CommandOp {
                 error,
                 now,
             } => {
-                let row = sqlx::query_as(&format!(
-                    "UPDATE commands SET status = ?3, result = ?4, error = ?5, completed_at = ?6, \
-                     delivered_at = coalesce(delivered_at, ?6) \
-                     WHERE id = ?1 AND device_pk = ?2 AND status IN {OPEN} RETURNING *"
-                ))
-                .bind(id)
-                .bind(device_pk)
-                .bind(status)
-                .bind(result)
-                .bind(error)
-                .bind(now)
-                .fetch_optional(&mut *conn)
-                .await?;
-                CommandOutcome::Answer(answer(conn, row, *device_pk, id).await?)
+                let row = db
+                    .prepare_cached(&format!(
+                        "UPDATE commands SET status = ?3, result = ?4, error = ?5, completed_at = ?6, \
+                         delivered_at = coalesce(delivered_at, ?6) \
+                         WHERE id = ?1 AND device_pk = ?2 AND status IN {OPEN} RETURNING *"
+                    ))?
+                    .query_row(
+                        (id, device_pk, status.as_str(), result, error, now),
+                        CommandRow::read,
+                    )
+                    .optional()?;
+                CommandOutcome::Answer(answer(db, row, *device_pk, id)?)
             }
-            CommandOp::Expire { id, now } => CommandOutcome::Finished(
-                finish_if(conn, id, "('queued', 'sent')", Status::Expired, *now).await?,
-            ),
-            CommandOp::TimeOut { id, now } => CommandOutcome::Finished(
-                finish_if(conn, id, "('delivered')", Status::TimedOut, *now).await?,
-            ),
-            CommandOp::Cancel { id, now } => CommandOutcome::Cancel(
-                match finish_if(conn, id, OPEN, Status::Canceled, *now).await? {
+            CommandOp::Expire { id, now } => CommandOutcome::Finished(finish_if(
+                db,
+                id,
+                "('queued', 'sent')",
+                Status::Expired,
+                *now,
+            )?),
+            CommandOp::TimeOut { id, now } => CommandOutcome::Finished(finish_if(
+                db,
+                id,
+                "('delivered')",
+                Status::TimedOut,
+                *now,
+            )?),
+            CommandOp::Cancel { id, now } => {
+                CommandOutcome::Cancel(match finish_if(db, id, OPEN, Status::Canceled, *now)? {
                     Some(row) => Cancel::Canceled(row),
-                    None => match sqlx::query_as("SELECT * FROM commands WHERE id = ?1")
-                        .bind(id)
-                        .fetch_optional(&mut *conn)
-                        .await?
+                    None => match db
+                        .prepare_cached("SELECT * FROM commands WHERE id = ?1")?
+                        .query_row([id], CommandRow::read)
+                        .optional()?
                     {
                         Some(row) => Cancel::AlreadyFinal(row),
                         None => Cancel::NotFound,
                     },
-                },
-            ),
+                })
+            }
         })
     }
 }
 
-async fn queue(
-    conn: &mut SqliteConnection,
-    new: &NewCommand,
-    queue_max: u32,
-) -> Result<Queued, sqlx::Error> {
+impl CommandRow {
+    /// A `SELECT *` or `RETURNING *` row, read by column name.
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRow> {
+        let status: String = row.get("status")?;
+        Ok(CommandRow {
+            id: row.get("id")?,
+            device_pk: row.get("device_pk")?,
+            device_id: row.get("device_id")?,
+            name: row.get("name")?,
+            params: row.get("params")?,
+            status: Status::parse(&status).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    format!("unknown command status {status:?}").into(),
+                )
+            })?,
+            created_at: row.get("created_at")?,
+            sent_at: row.get("sent_at")?,
+            delivered_at: row.get("delivered_at")?,
+            completed_at: row.get("completed_at")?,
+            expires_at: row.get("expires_at")?,
+            timeout_s: row.get("timeout_s")?,
+            result: row.get("result")?,
+            error: row.get("error")?,
+            idempotency_key: row.get("idempotency_key")?,
+        })
+    }
+}
+
+fn queue(db: &rusqlite::Connection, new: &NewCommand, queue_max: u32) -> rusqlite::Result<Queued> {
     if let Some(key) = &new.idempotency_key {
-        let existing: Option<CommandRow> =
-            sqlx::query_as("SELECT * FROM commands WHERE device_pk = ?1 AND idempotency_key = ?2")
-                .bind(new.device_pk)
-                .bind(key)
-                .fetch_optional(&mut *conn)
-                .await?;
+        let existing = db
+            .prepare_cached("SELECT * FROM commands WHERE device_pk = ?1 AND idempotency_key = ?2")?
+            .query_row((new.device_pk, key), CommandRow::read)
+            .optional()?;
         if let Some(row) = existing {
             return Ok(Queued::Existing(row));
         }
     }
-    let open: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN {OPEN}"
-    ))
-    .bind(new.device_pk)
-    .fetch_one(&mut *conn)
-    .await?;
+    let open: i64 = db
+        .prepare_cached(&format!(
+            "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN {OPEN}"
+        ))?
+        .query_row([new.device_pk], |r| r.get(0))?;
     if open >= i64::from(queue_max) {
         return Ok(Queued::QueueFull);
     }
-    let row: CommandRow = sqlx::query_as(
-        "INSERT INTO commands (id, device_pk, device_id, name, params, status, created_at, \
-         expires_at, timeout_s, idempotency_key) \
-         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9) RETURNING *",
-    )
-    .bind(&new.id)
-    .bind(new.device_pk)
-    .bind(&new.device_id)
-    .bind(&new.name)
-    .bind(&new.params)
-    .bind(new.created_at)
-    .bind(new.expires_at)
-    .bind(new.timeout_s)
-    .bind(&new.idempotency_key)
-    .fetch_one(&mut *conn)
-    .await?;
+    let row = db
+        .prepare_cached(
+            "INSERT INTO commands (id, device_pk, device_id, name, params, status, created_at, \
+             expires_at, timeout_s, idempotency_key) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9) RETURNING *",
+        )?
+        .query_row(
+            (
+                &new.id,
+                new.device_pk,
+                &new.device_id,
+                &new.name,
+                &new.params,
+                new.created_at,
+                new.expires_at,
+                new.timeout_s,
+                &new.idempotency_key,
+            ),
+            CommandRow::read,
+        )?;
     Ok(Queued::New(row))
 }
 
-async fn take_for_delivery(
-    conn: &mut SqliteConnection,
+fn take_for_delivery(
+    db: &rusqlite::Connection,
     device_pk: i64,
     window: u32,
     now: i64,
-) -> Result<Delivery, sqlx::Error> {
-    let in_flight: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered')",
-    )
-    .bind(device_pk)
-    .fetch_one(&mut *conn)
-    .await?;
+) -> rusqlite::Result<Delivery> {
+    let in_flight: i64 = db
+        .prepare_cached(
+            "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN ('sent', 'delivered')",
+        )?
+        .query_row([device_pk], |r| r.get(0))?;
     let free = i64::from(window) - in_flight;
     if free <= 0 {
         return Ok(Delivery {
@@ -381,16 +404,14 @@ async fn take_for_delivery(
             maybe_more: true,
         });
     }
-    let mut rows: Vec<CommandRow> = sqlx::query_as(
-        "UPDATE commands SET status = 'sent', sent_at = ?2 WHERE rowid IN \
-         (SELECT rowid FROM commands WHERE device_pk = ?1 AND status = 'queued' \
-          AND expires_at > ?2 ORDER BY rowid LIMIT ?3) RETURNING *",
-    )
-    .bind(device_pk)
-    .bind(now)
-    .bind(free)
-    .fetch_all(&mut *conn)
-    .await?;
+    let mut rows = db
+        .prepare_cached(
+            "UPDATE commands SET status = 'sent', sent_at = ?2 WHERE rowid IN \
+             (SELECT rowid FROM commands WHERE device_pk = ?1 AND status = 'queued' \
+              AND expires_at > ?2 ORDER BY rowid LIMIT ?3) RETURNING *",
+        )?
+        .query_map((device_pk, now, free), CommandRow::read)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
     // RETURNING gives no order guarantee; creation order is the contract.
     rows.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     let maybe_more = rows.len() as i64 == free;
@@ -405,41 +426,34 @@ pub struct Delivery {
     pub maybe_more: bool,
 }
 
-async fn finish_if(
-    conn: &mut SqliteConnection,
+fn finish_if(
+    db: &rusqlite::Connection,
     id: &str,
     from: &str,
     to: Status,
     now: i64,
-) -> Result<Option<CommandRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
+) -> rusqlite::Result<Option<CommandRow>> {
+    db.prepare_cached(&format!(
         "UPDATE commands SET status = ?2, completed_at = ?3 \
          WHERE id = ?1 AND status IN {from} RETURNING *"
-    ))
-    .bind(id)
-    .bind(to)
-    .bind(now)
-    .fetch_optional(conn)
-    .await
+    ))?
+    .query_row((id, to.as_str(), now), CommandRow::read)
+    .optional()
 }
 
 /// Tells "already past that point" from "not this device's command".
-async fn answer(
-    conn: &mut SqliteConnection,
+fn answer(
+    db: &rusqlite::Connection,
     row: Option<CommandRow>,
     device_pk: i64,
     id: &str,
-) -> Result<Answer, sqlx::Error> {
+) -> rusqlite::Result<Answer> {
     if let Some(row) = row {
         return Ok(Answer::Changed(Box::new(row)));
     }
-    let known: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM commands WHERE id = ?1 AND device_pk = ?2)",
-    )
-    .bind(id)
-    .bind(device_pk)
-    .fetch_one(conn)
-    .await?;
+    let known: bool = db
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM commands WHERE id = ?1 AND device_pk = ?2)")?
+        .query_row((id, device_pk), |r| r.get(0))?;
     Ok(if known {
         Answer::Unchanged
     } else {
@@ -450,10 +464,7 @@ async fn answer(
 impl Store {
     /// Applies one change in a transaction of its own (the gateway batches them in the writer).
     pub async fn apply_command_op(&self, op: &CommandOp) -> Result<CommandOutcome, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let outcome = op.apply(&mut tx).await?;
-        tx.commit().await?;
-        Ok(outcome)
+        self.write_sync(|db| op.apply(db)).await
     }
 
     /// One command by id.

@@ -14,12 +14,17 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{Connection, Sqlite, Transaction};
+
+use tokio::sync::Notify;
 
 use crate::config::Synchronous;
 
@@ -28,6 +33,8 @@ use crate::config::Synchronous;
 pub enum StoreError {
     #[error("database error: {0}")]
     Sqlx(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("cannot create the database folder {path}: {source}")]
@@ -55,28 +62,126 @@ pub const DEFAULT_WAL_MAX_BYTES: u64 = 64 << 20;
 /// `wal_autocheckpoint` counts pages of it.
 const PAGE_BYTES: u64 = 4096;
 
-/// `(?,?),(?,?)...`: `rows` rows of `columns` parameters, for multi-row statements.
-/// Built in one allocation: it is on the telemetry writer's path, once per batch.
-fn values(rows: usize, columns: usize) -> String {
-    let mut sql = String::with_capacity(rows * (2 * columns + 2));
-    for r in 0..rows {
-        sql.push_str(if r == 0 { "(?" } else { ",(?" });
-        for _ in 1..columns {
-            sql.push_str(",?");
-        }
-        sql.push(')');
-    }
-    sql
-}
-
 /// Both pools of one SQLite database file.
 #[derive(Clone, Debug)]
 pub struct Store {
     write: SqlitePool,
+    /// Writers other than the batching writer waiting for the write connection.
+    wanted: Arc<WriteWanted>,
     read: SqlitePool,
     path: PathBuf,
     wal_path: PathBuf,
     wal_max_bytes: u64,
+}
+
+/// Writers waiting for the write connection, and a wake-up for the writer that holds it.
+#[derive(Debug, Default)]
+struct WriteWanted {
+    waiting: AtomicUsize,
+    notify: Notify,
+}
+
+/// A writer waiting for the write connection (see [`Store::want_write`]).
+#[derive(Debug)]
+struct Waiting(Arc<WriteWanted>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The write connection, held by the batching writer across its transactions so that
+/// their statements stay prepared. Each transaction runs on the caller's thread, with
+/// the connection locked out of its sqlx worker thread: a batch costs one round trip
+/// to that thread instead of one per statement (each of which wakes two threads).
+///
+/// The writer hands the connection back whenever another writer waits
+/// ([`Store::write_wanted`]); [`WriteSession::release`] finalizes the prepared
+/// statements first, as sqlx must close a connection without any left.
+pub(crate) struct WriteSession {
+    /// rusqlite's view of the same handle, with its statement cache. Declared first: it
+    /// is dropped (its statements finalized) before the connection goes back.
+    db: Option<rusqlite::Connection>,
+    pooled: PoolConnection<Sqlite>,
+    /// A failed transaction could not be rolled back: close rather than reuse.
+    broken: bool,
+}
+
+impl WriteSession {
+    /// Runs `work` in one `BEGIN IMMEDIATE` transaction, directly on this thread, and
+    /// commits; rolls back if `work` or the commit fails. Blocks the thread for the
+    /// transaction: the batching writer has a thread of its own for this.
+    #[allow(unsafe_code)]
+    pub(crate) async fn transaction<T>(
+        &mut self,
+        work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut locked = self.pooled.lock_handle().await?;
+        let db = match &mut self.db {
+            Some(db) => db,
+            // SAFETY: rusqlite and sqlx link the same libsqlite3-sys (a `links = "sqlite3"`
+            // crate exists once in a build). The handle is this session's for as long as
+            // `db` lives: `pooled` is held until `release` or drop, which drop `db` first,
+            // and `from_handle` leaves closing the handle to sqlx. It is used only while
+            // locked out of the worker thread, here and in `release`.
+            None => self.db.insert(unsafe {
+                rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr())
+            }?),
+        };
+        let outcome = db
+            .execute_batch("BEGIN IMMEDIATE")
+            .and_then(|()| work(db))
+            .and_then(|value| db.execute_batch("COMMIT").map(|()| value));
+        // A failed COMMIT (disk full, I/O error) may already have rolled back by itself.
+        if outcome.is_err() && !db.is_autocommit() {
+            let _ = db.execute_batch("ROLLBACK");
+            self.broken |= !db.is_autocommit();
+        }
+        drop(locked);
+        Ok(outcome?)
+    }
+
+    /// Copies the whole WAL into the database and truncates the WAL file to zero bytes,
+    /// waiting (up to the busy timeout) for readers of older snapshots to finish.
+    pub(crate) async fn truncate_wal(&mut self) -> Result<Checkpoint, StoreError> {
+        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&mut *self.pooled)
+            .await?;
+        Ok(if busy == 0 {
+            Checkpoint::Truncated
+        } else {
+            Checkpoint::Blocked
+        })
+    }
+
+    /// Hands the connection back to the pool, its prepared statements finalized (or
+    /// closes it if a transaction could not be rolled back).
+    pub(crate) async fn release(mut self) {
+        if let Some(db) = self.db.take() {
+            match self.pooled.lock_handle().await {
+                Ok(locked) => {
+                    drop(db);
+                    drop(locked);
+                }
+                // The worker thread is gone, and the connection with it.
+                Err(_) => drop(db),
+            }
+        }
+        if self.broken {
+            self.pooled.close_on_drop();
+        }
+    }
+}
+
+impl Drop for WriteSession {
+    /// Dropped without [`WriteSession::release`] (a panic, say): `db` goes first, its
+    /// statements finalized while the worker thread idles (nobody else has the connection).
+    fn drop(&mut self) {
+        if self.broken {
+            self.pooled.close_on_drop();
+        }
+    }
 }
 
 /// What a `wal_checkpoint(TRUNCATE)` achieved.
@@ -159,6 +264,7 @@ impl Store {
         wal_path.push("-wal");
         Ok(Store {
             write,
+            wanted: Arc::default(),
             read,
             path,
             wal_path: wal_path.into(),
@@ -181,22 +287,55 @@ impl Store {
         self.wal_max_bytes
     }
 
-    /// Copies the whole WAL into the database and truncates the WAL file to zero bytes,
-    /// waiting (up to the busy timeout) for readers of older snapshots to finish.
-    pub async fn truncate_wal(&self) -> Result<Checkpoint, StoreError> {
-        let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
-            .fetch_one(&self.write)
-            .await?;
-        Ok(if busy == 0 {
-            Checkpoint::Truncated
-        } else {
-            Checkpoint::Blocked
+    /// A write transaction that takes the write lock at once (`BEGIN IMMEDIATE`). The
+    /// batching writer hands the write connection over between two of its batches.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        let _waiting = self.want_write();
+        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// The write connection, for the batching writer to keep between its transactions
+    /// (see [`WriteSession`]); waits while another writer has it.
+    pub(crate) async fn write_session(&self) -> Result<WriteSession, StoreError> {
+        Ok(WriteSession {
+            db: None,
+            pooled: self.write.acquire().await?,
+            broken: false,
         })
     }
 
-    /// A write transaction that takes the write lock at once (`BEGIN IMMEDIATE`).
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    /// Runs `work` in one transaction of a write session of its own (see
+    /// [`WriteSession::transaction`]); for writes outside the batching writer.
+    pub(crate) async fn write_sync<T>(
+        &self,
+        work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut session = {
+            let _waiting = self.want_write();
+            self.write_session().await?
+        };
+        let outcome = session.transaction(work).await;
+        session.release().await;
+        outcome
+    }
+
+    /// Tells the batching writer that another writer waits for the write connection,
+    /// until the returned guard is dropped (once that writer has the connection).
+    fn want_write(&self) -> Waiting {
+        self.wanted.waiting.fetch_add(1, Ordering::SeqCst);
+        self.wanted.notify.notify_one();
+        Waiting(self.wanted.clone())
+    }
+
+    /// True while another writer waits for the write connection.
+    pub(crate) fn write_wanted(&self) -> bool {
+        self.wanted.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Resolves when another writer may have started to wait for the write connection
+    /// (check [`Store::write_wanted`]).
+    pub(crate) async fn write_wanted_changed(&self) {
+        self.wanted.notify.notified().await
     }
 
     /// Checks that the database answers; used by `/readyz`.
@@ -215,13 +354,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn values_lists_rows_of_parameters() {
-        assert_eq!(values(1, 1), "(?)");
-        assert_eq!(values(2, 3), "(?,?,?),(?,?,?)");
-        assert_eq!(values(0, 3), "");
-    }
 
     async fn open(sync: Synchronous) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();

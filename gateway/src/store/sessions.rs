@@ -1,8 +1,10 @@
 //! Connection history and device presence columns (written by the batching writer).
 
-use sqlx::{FromRow, SqliteConnection};
+use std::collections::HashMap;
 
-use super::{values, Store, StoreError};
+use sqlx::FromRow;
+
+use super::{Store, StoreError};
 
 /// A device connection opened.
 #[derive(Debug, Clone)]
@@ -35,80 +37,58 @@ pub struct SessionRow {
     pub auth: String,
 }
 
-/// Most rows in one statement: within SQLite's limit of 32766 parameters.
-const MAX_ROWS_PER_STATEMENT: usize = 5000;
-
-/// Records a batch's session starts: one statement for the sessions and one for the
-/// devices' presence columns per 5000 starts, not two per start.
-pub(super) async fn record_starts(
-    conn: &mut SqliteConnection,
+/// Records a batch's session starts (in the writer's transaction): a row per session, and
+/// each device's presence columns once, from its latest start in the batch.
+pub(super) fn record_starts(
+    db: &rusqlite::Connection,
     starts: &[&SessionStart],
-) -> Result<(), sqlx::Error> {
-    for chunk in starts.chunks(MAX_ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT OR IGNORE INTO sessions (session_id, device_pk, connected_at, remote_addr, auth) \
-             VALUES {}",
-            values(chunk.len(), 5)
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for s in chunk {
-            q = q
-                .bind(&s.session_id)
-                .bind(s.device_pk)
-                .bind(s.connected_at)
-                .bind(&s.remote_addr)
-                .bind(s.auth);
-        }
-        q.execute(&mut *conn).await?;
-        // A device that connected twice in the batch keeps its latest start.
-        let sql = format!(
-            "UPDATE devices SET last_connected_at = v.at, last_seen_at = v.at \
-             FROM (SELECT column1 AS pk, max(column2) AS at FROM (VALUES {}) GROUP BY column1) AS v \
-             WHERE devices.pk = v.pk",
-            values(chunk.len(), 2)
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for s in chunk {
-            q = q.bind(s.device_pk).bind(s.connected_at);
-        }
-        q.execute(&mut *conn).await?;
+) -> rusqlite::Result<()> {
+    if starts.is_empty() {
+        return Ok(());
+    }
+    let mut insert = db.prepare_cached(
+        "INSERT OR IGNORE INTO sessions (session_id, device_pk, connected_at, remote_addr, auth) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    let mut latest: HashMap<i64, i64> = HashMap::with_capacity(starts.len());
+    for s in starts {
+        insert.execute((
+            &s.session_id,
+            s.device_pk,
+            s.connected_at,
+            &s.remote_addr,
+            s.auth,
+        ))?;
+        let at = latest.entry(s.device_pk).or_insert(s.connected_at);
+        *at = (*at).max(s.connected_at);
+    }
+    let mut presence = db.prepare_cached(
+        "UPDATE devices SET last_connected_at = ?2, last_seen_at = ?2 WHERE pk = ?1",
+    )?;
+    for (pk, at) in latest {
+        presence.execute((pk, at))?;
     }
     Ok(())
 }
 
-/// Records a batch's session ends: one statement for the sessions and one for the
-/// devices' presence columns per 5000 ends.
-pub(super) async fn record_ends(
-    conn: &mut SqliteConnection,
-    ends: &[&SessionEnd],
-) -> Result<(), sqlx::Error> {
-    for chunk in ends.chunks(MAX_ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "UPDATE sessions SET disconnected_at = v.column2, disconnect_reason = v.column3 \
-             FROM (VALUES {}) AS v WHERE sessions.session_id = v.column1",
-            values(chunk.len(), 3)
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for e in chunk {
-            q = q.bind(&e.session_id).bind(e.disconnected_at).bind(e.reason);
-        }
-        q.execute(&mut *conn).await?;
-        let devices = latest_per_device(chunk);
-        let sql = format!(
-            "UPDATE devices SET last_disconnected_at = v.column2, last_disconnect_reason = v.column3, \
-               last_seen_at = max(coalesce(last_seen_at, 0), v.column4) \
-             FROM (VALUES {}) AS v WHERE devices.pk = v.column1",
-            values(devices.len(), 4)
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for (e, last_seen_at) in devices {
-            q = q
-                .bind(e.device_pk)
-                .bind(e.disconnected_at)
-                .bind(e.reason)
-                .bind(last_seen_at);
-        }
-        q.execute(&mut *conn).await?;
+/// Records a batch's session ends (in the writer's transaction): a row per session, and
+/// each device's presence columns once, from its latest end in the batch.
+pub(super) fn record_ends(db: &rusqlite::Connection, ends: &[&SessionEnd]) -> rusqlite::Result<()> {
+    if ends.is_empty() {
+        return Ok(());
+    }
+    let mut close = db.prepare_cached(
+        "UPDATE sessions SET disconnected_at = ?2, disconnect_reason = ?3 WHERE session_id = ?1",
+    )?;
+    for e in ends {
+        close.execute((&e.session_id, e.disconnected_at, e.reason))?;
+    }
+    let mut presence = db.prepare_cached(
+        "UPDATE devices SET last_disconnected_at = ?2, last_disconnect_reason = ?3, \
+           last_seen_at = max(coalesce(last_seen_at, 0), ?4) WHERE pk = ?1",
+    )?;
+    for (e, last_seen_at) in latest_per_device(ends) {
+        presence.execute((e.device_pk, e.disconnected_at, e.reason, last_seen_at))?;
     }
     Ok(())
 }
@@ -116,7 +96,7 @@ pub(super) async fn record_ends(
 /// One end per device: its latest (the later in the batch on a tie), with the latest time
 /// it was seen in any of its ends.
 fn latest_per_device<'a>(ends: &[&'a SessionEnd]) -> Vec<(&'a SessionEnd, i64)> {
-    let mut by_device: std::collections::HashMap<i64, (&SessionEnd, i64)> = Default::default();
+    let mut by_device: HashMap<i64, (&SessionEnd, i64)> = HashMap::with_capacity(ends.len());
     for &e in ends {
         let kept = by_device.entry(e.device_pk).or_insert((e, e.last_seen_at));
         if e.disconnected_at >= kept.0.disconnected_at {
@@ -198,8 +178,8 @@ mod tests {
         }
     }
 
-    /// The multi-row statements give what one statement per start or end gave, with a
-    /// device's latest start or end winning when a batch holds two.
+    /// Each session gets its row, and a device's latest start or end wins when a batch
+    /// holds two.
     #[tokio::test]
     async fn a_batch_of_starts_and_ends_records_each_session_and_the_latest_per_device() {
         let dir = tempfile::tempdir().unwrap();
@@ -219,16 +199,15 @@ mod tests {
             .create_device("b", None, "{}", b"hb", 1)
             .await
             .unwrap();
-        let mut tx = store.begin_write().await.unwrap();
         let starts = [
             start("a1", a.pk, 100),
             start("a2", a.pk, 120),
             start("b1", b.pk, 110),
         ];
-        record_starts(&mut tx, &starts.iter().collect::<Vec<_>>())
+        store
+            .write_sync(|db| record_starts(db, &starts.iter().collect::<Vec<_>>()))
             .await
             .unwrap();
-        tx.commit().await.unwrap();
         let row = |id: &'static str| {
             let store = store.clone();
             async move { store.get_device(id).await.unwrap().unwrap() }
@@ -244,16 +223,15 @@ mod tests {
             (Some(110), Some(110))
         );
 
-        let mut tx = store.begin_write().await.unwrap();
         let ends = [
             end("a2", a.pk, 300, "replaced", 290),
             end("a1", a.pk, 200, "closed", 295),
             end("b1", b.pk, 250, "timeout", 105),
         ];
-        record_ends(&mut tx, &ends.iter().collect::<Vec<_>>())
+        store
+            .write_sync(|db| record_ends(db, &ends.iter().collect::<Vec<_>>()))
             .await
             .unwrap();
-        tx.commit().await.unwrap();
         let ra = row("a").await;
         assert_eq!(
             (

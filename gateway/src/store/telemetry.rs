@@ -1,9 +1,9 @@
 //! The telemetry table: batched inserts (for the writer), range queries, aggregates, purge.
 
 use futures_util::TryStreamExt;
-use sqlx::{FromRow, Row, SqliteConnection};
+use sqlx::{FromRow, Row};
 
-use super::{values, Store, StoreError};
+use super::{Store, StoreError};
 
 /// One stored point.
 #[derive(Debug, Clone, FromRow)]
@@ -121,38 +121,21 @@ pub(super) struct NewRow<'a> {
     pub data: &'a str,
 }
 
-/// Most rows in one INSERT: 6 parameters each, within SQLite's limit of 32766 parameters.
-const MAX_ROWS_PER_STATEMENT: usize = 5000;
-
-/// Inserts rows with one multi-row statement per 5000 rows (a re-sent message is ignored);
-/// returns how many were new.
-///
-/// The statement text depends on the row count, so it is not kept in the statement
-/// cache: preparing it costs far less than one more round trip to SQLite's worker
-/// thread per chunk would.
-pub(super) async fn insert_rows(
-    conn: &mut SqliteConnection,
-    rows: &[NewRow<'_>],
-) -> Result<u64, sqlx::Error> {
-    let mut inserted = 0;
-    for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
-        let sql = format!(
-            "INSERT OR IGNORE INTO telemetry (device_pk, msg_id, seq, ts, received_at, data) VALUES {}",
-            values(chunk.len(), 6)
-        );
-        let mut q = sqlx::query(&sql).persistent(false);
-        for r in chunk {
-            q = q
-                .bind(r.device_pk)
-                .bind(r.msg_id)
-                .bind(r.seq)
-                .bind(r.ts)
-                .bind(r.received_at)
-                .bind(r.data);
-        }
-        inserted += q.execute(&mut *conn).await?.rows_affected();
+/// Inserts rows (a re-sent message is ignored); returns how many were new. Called in the
+/// writer's transaction, on its thread: one prepared statement, stepped once per row.
+pub(super) fn insert_rows(db: &rusqlite::Connection, rows: &[NewRow<'_>]) -> rusqlite::Result<u64> {
+    if rows.is_empty() {
+        return Ok(0);
     }
-    Ok(inserted)
+    let mut insert = db.prepare_cached(
+        "INSERT OR IGNORE INTO telemetry (device_pk, msg_id, seq, ts, received_at, data) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    let mut inserted = 0;
+    for r in rows {
+        inserted += insert.execute((r.device_pk, r.msg_id, r.seq, r.ts, r.received_at, r.data))?;
+    }
+    Ok(inserted as u64)
 }
 
 impl Store {

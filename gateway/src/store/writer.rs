@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::commands::{CommandOp, CommandOutcome};
 use super::sessions::{record_ends, record_starts, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
-use super::{Checkpoint, Store, StoreError};
+use super::{Checkpoint, Store, StoreError, WriteSession};
 use crate::device::protocol::Point;
 use crate::events::{EventKind, Events, Payload};
 use crate::metrics::METRICS;
@@ -263,18 +263,27 @@ async fn run(
     // Something was committed since the WAL was last truncated.
     let mut wal_dirty = false;
     let mut next_forced = Instant::now();
+    let mut held = Held {
+        store: &store,
+        session: None,
+    };
     loop {
-        let first = if wal_dirty {
-            match tokio::time::timeout(config.idle_checkpoint, queues.next()).await {
-                Ok(job) => job,
-                Err(_) => {
+        let idle_checkpoint = wal_dirty.then_some(config.idle_checkpoint);
+        let first = tokio::select! {
+            biased;
+            // Between batches, the write connection goes to whoever waits for it.
+            () = store.write_wanted_changed(), if held.session.is_some() => {
+                held.hand_back_if_wanted().await;
+                continue;
+            }
+            next = next_or_idle(&mut queues, idle_checkpoint) => match next {
+                Some(job) => job,
+                None => {
                     wal_dirty = false;
-                    checkpoint(&store, "idle").await;
+                    checkpoint(&mut held, "idle").await;
                     continue;
                 }
-            }
-        } else {
-            queues.next().await
+            },
         };
         let Some(first) = first else { break };
         let mut rows = first.rows();
@@ -310,7 +319,10 @@ async fn run(
             batch.push(job);
         }
         let started = Instant::now();
-        let outcome = commit(&store, &batch).await;
+        let outcome = match held.get().await {
+            Ok(session) => commit(session, &batch).await,
+            Err(e) => Err(e),
+        };
         METRICS
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -362,22 +374,71 @@ async fn run(
             let wal_bytes = store.wal_bytes();
             METRICS.wal_bytes.set(wal_bytes as i64);
             if wal_bytes > store.wal_max_bytes() && Instant::now() >= next_forced {
-                if checkpoint(&store, "limit").await {
+                if checkpoint(&mut held, "limit").await {
                     wal_dirty = false;
                 } else {
                     next_forced = Instant::now() + FORCED_CHECKPOINT_RETRY;
                 }
             }
         }
+        if ok {
+            held.hand_back_if_wanted().await;
+        } else {
+            // A connection a failed commit left in a transaction is closed, not reused.
+            held.hand_back().await;
+        }
     }
+    held.hand_back().await;
     tracing::debug!("telemetry writer stopped");
+}
+
+/// The next job (`Some(None)` once the queues are closed and empty), or `None` after
+/// `idle` without one.
+async fn next_or_idle(queues: &mut Queues, idle: Option<Duration>) -> Option<Option<WriteJob>> {
+    match idle {
+        Some(idle) => tokio::time::timeout(idle, queues.next()).await.ok(),
+        None => Some(queues.next().await),
+    }
+}
+
+/// The write connection, kept by the writer from batch to batch (its statements stay
+/// prepared) until another writer waits for it.
+struct Held<'s> {
+    store: &'s Store,
+    session: Option<WriteSession>,
+}
+
+impl Held<'_> {
+    async fn get(&mut self) -> Result<&mut WriteSession, StoreError> {
+        if self.session.is_none() {
+            self.session = Some(self.store.write_session().await?);
+        }
+        Ok(self.session.as_mut().expect("set above"))
+    }
+
+    async fn hand_back(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.release().await;
+        }
+    }
+
+    async fn hand_back_if_wanted(&mut self) {
+        if self.store.write_wanted() {
+            self.hand_back().await;
+        }
+    }
 }
 
 /// Checkpoints and truncates the WAL; whether it is now empty. A failure is logged and
 /// left for the next attempt (with a full disk, the database file may not be able to grow).
-async fn checkpoint(store: &Store, why: &'static str) -> bool {
+async fn checkpoint(held: &mut Held<'_>, why: &'static str) -> bool {
+    let store = held.store;
     let before = store.wal_bytes();
-    match store.truncate_wal().await {
+    let outcome = match held.get().await {
+        Ok(session) => session.truncate_wal().await,
+        Err(e) => Err(e),
+    };
+    match outcome {
         Ok(Checkpoint::Truncated) => {
             METRICS.wal_bytes.set(0);
             tracing::debug!(why, wal_bytes = before, "WAL checkpointed and truncated");
@@ -440,25 +501,37 @@ fn rows(batch: &[WriteJob]) -> Vec<NewRow<'_>> {
 }
 
 /// Writes the batch in one transaction; the outcomes of its command jobs, in order.
-async fn commit(store: &Store, batch: &[WriteJob]) -> Result<Vec<CommandOutcome>, StoreError> {
+///
+/// The statements run on the writer's own thread ([`WriteSession::transaction`]): a batch
+/// costs one round trip to SQLite's worker thread, not one per statement.
+async fn commit(
+    session: &mut WriteSession,
+    batch: &[WriteJob],
+) -> Result<Vec<CommandOutcome>, StoreError> {
     let rows = rows(batch);
-    let mut tx = store.begin_write().await?;
-    insert_rows(&mut tx, &rows).await?;
     // Sessions and commands touch different rows; a session's end never shares a batch
     // with its start, which it waits for.
-    let (mut starts, mut ends, mut outcomes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut starts, mut ends, mut ops) = (Vec::new(), Vec::new(), Vec::new());
     for job in batch {
         match job {
             WriteJob::SessionStart(s, _) => starts.push(s),
             WriteJob::SessionEnd(e, _) => ends.push(e),
-            WriteJob::Command(op, _) => outcomes.push(op.apply(&mut tx).await?),
+            WriteJob::Command(op, _) => ops.push(op),
             WriteJob::Telemetry(_) => {}
         }
     }
-    record_starts(&mut tx, &starts).await?;
-    record_ends(&mut tx, &ends).await?;
-    tx.commit().await?;
-    Ok(outcomes)
+    session
+        .transaction(|db| {
+            insert_rows(db, &rows)?;
+            let outcomes = ops
+                .iter()
+                .map(|op| op.apply(db))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            record_starts(db, &starts)?;
+            record_ends(db, &ends)?;
+            Ok(outcomes)
+        })
+        .await
 }
 
 #[cfg(test)]
@@ -591,6 +664,59 @@ mod tests {
         assert_eq!(rows.len(), 2, "a re-sent id is stored once");
         assert_eq!(rows[0].data, r#"{"v":1}"#);
         assert_eq!((rows[0].seq, rows[1].seq), (0, 1));
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    /// The writer keeps the write connection between batches, and hands it over to another
+    /// writer (an API change) that waits for it: while idle, and while busy, between batches.
+    #[tokio::test]
+    async fn the_writer_hands_the_write_connection_to_another_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer, task) = writer_on(
+            dir.path(),
+            crate::store::DEFAULT_WAL_MAX_BYTES,
+            Duration::from_secs(3600),
+        )
+        .await;
+        let (j, rx) = job(1, "m0", &[(None, "{}")]);
+        writer.submit(j).await.unwrap();
+        assert!(rx.await.unwrap());
+        // Idle, holding the connection.
+        let wait = Duration::from_secs(10);
+        let created = tokio::time::timeout(wait, store.create_device("a", None, "{}", b"ha", 1))
+            .await
+            .expect("the idle writer hands the connection over")
+            .unwrap();
+        // Busy: batches keep coming while another device is created.
+        let streaming = {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                for i in 1..=200 {
+                    let (j, rx) = job(1, &format!("m{i}"), &[(None, "{}")]);
+                    writer.submit(j).await.unwrap();
+                    assert!(rx.await.unwrap(), "m{i} committed");
+                }
+            })
+        };
+        let other = tokio::time::timeout(wait, store.create_device("b", None, "{}", b"hb", 2))
+            .await
+            .expect("the busy writer hands the connection over between batches")
+            .unwrap();
+        streaming.await.unwrap();
+        assert_ne!(created.pk, other.pk);
+        let rows = store
+            .query_telemetry(&super::super::telemetry::RangeQuery {
+                device_pk: 1,
+                from: 0,
+                to: i64::MAX,
+                descending: false,
+                after: None,
+                limit: 1000,
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 201, "every batch committed, before and after");
         drop(writer);
         task.await.unwrap();
     }
