@@ -563,6 +563,21 @@ mod tests {
         (job, rx)
     }
 
+    /// Every point stored for device `pk`, in time order.
+    async fn stored(store: &Store, pk: i64) -> Vec<super::super::telemetry::TelemetryRow> {
+        store
+            .query_telemetry(&super::super::telemetry::RangeQuery {
+                device_pk: pk,
+                from: 0,
+                to: i64::MAX,
+                descending: false,
+                after: None,
+                limit: 10_000,
+            })
+            .await
+            .unwrap()
+    }
+
     /// A store in `dir` (WAL limit `wal_max_bytes`) and its writer, truncating the WAL
     /// after `idle_checkpoint` without work.
     async fn writer_on(
@@ -650,17 +665,7 @@ mod tests {
         for rx in waits {
             assert!(rx.await.unwrap(), "acked after commit");
         }
-        let rows = store
-            .query_telemetry(&super::super::telemetry::RangeQuery {
-                device_pk: 7,
-                from: 0,
-                to: i64::MAX,
-                descending: false,
-                after: None,
-                limit: 100,
-            })
-            .await
-            .unwrap();
+        let rows = stored(&store, 7).await;
         assert_eq!(rows.len(), 2, "a re-sent id is stored once");
         assert_eq!(rows[0].data, r#"{"v":1}"#);
         assert_eq!((rows[0].seq, rows[1].seq), (0, 1));
@@ -705,17 +710,7 @@ mod tests {
             .unwrap();
         streaming.await.unwrap();
         assert_ne!(created.pk, other.pk);
-        let rows = store
-            .query_telemetry(&super::super::telemetry::RangeQuery {
-                device_pk: 1,
-                from: 0,
-                to: i64::MAX,
-                descending: false,
-                after: None,
-                limit: 1000,
-            })
-            .await
-            .unwrap();
+        let rows = stored(&store, 1).await;
         assert_eq!(rows.len(), 201, "every batch committed, before and after");
         drop(writer);
         task.await.unwrap();
