@@ -462,7 +462,9 @@ fn answer(
 }
 
 impl Store {
-    /// Applies one change in a transaction of its own (the gateway batches them in the writer).
+    /// Applies one change in a transaction of its own (the gateway batches them in the
+    /// writer; the tests apply them one at a time).
+    #[cfg(test)]
     pub async fn apply_command_op(&self, op: &CommandOp) -> Result<CommandOutcome, StoreError> {
         self.write_sync(|db| op.apply(db)).await
     }

@@ -305,7 +305,8 @@ impl Store {
     }
 
     /// Runs `work` in one transaction of a write session of its own (see
-    /// [`WriteSession::transaction`]); for writes outside the batching writer.
+    /// [`WriteSession::transaction`]); for the tests, which write outside the batching writer.
+    #[cfg(test)]
     pub(crate) async fn write_sync<T>(
         &self,
         work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,

@@ -2,8 +2,8 @@
 //!
 //! Sessions hand it jobs over a bounded channel. It takes every job that is
 //! waiting (up to `max_rows` telemetry rows, optionally waiting `max_delay` for
-//! more), writes them in one `BEGIN IMMEDIATE` transaction with one multi-row
-//! insert, commits, and only then answers each telemetry job. When it falls
+//! more), writes them in one `BEGIN IMMEDIATE` transaction (one prepared insert per
+//! row, on its own thread), commits, and only then answers each telemetry job. When it falls
 //! behind, the channel fills and sessions stop reading their sockets.
 //!
 //! A failed commit (disk full, I/O error) answers every job in its batch with a
