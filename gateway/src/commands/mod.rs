@@ -8,6 +8,7 @@
 pub mod timers;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ pub struct Commands {
     timers: Timers,
     shutdown: CancellationToken,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<CommandRow>>>>,
+    /// Commands queued since start-up, counted after each one's commit and before its
+    /// nudge: a connecting device that read it before learning it had no commands waiting
+    /// may skip its listing only while it is unchanged (see [`Commands::queued_since`]).
+    queued: AtomicU64,
 }
 
 impl Commands {
@@ -80,6 +85,7 @@ impl Commands {
             timers,
             shutdown,
             waiters: Mutex::new(HashMap::new()),
+            queued: AtomicU64::new(0),
         });
         tokio::spawn(timers::run(
             requests,
@@ -128,6 +134,7 @@ impl Commands {
             unreachable!("a queue op answers Queued")
         };
         if let Queued::New(row) = &queued {
+            self.queued.fetch_add(1, Ordering::SeqCst);
             self.arm(row).await;
             self.updated(row);
             for sent in &taken {
@@ -200,6 +207,21 @@ impl Commands {
 
     /// Commands a connecting device was sent but never acked (they go out again), and
     /// whether any wait in its queue.
+    /// The count of queued commands, for [`Commands::queued_since`].
+    pub fn queued_count(&self) -> u64 {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Whether any command was queued since `count` was read.
+    ///
+    /// A device whose lookup found no command waiting, read after `count`, needs no connect
+    /// listing unless this says so: no command turns queued or sent again once it is past
+    /// those, so only a new one could have been missed, and a new one queued after this
+    /// answer finds the session in the hub and nudges it.
+    pub fn queued_since(&self, count: u64) -> bool {
+        self.queued.load(Ordering::SeqCst) != count
+    }
+
     pub async fn connect_listing(&self, device_pk: i64) -> Result<ConnectListing, StoreError> {
         self.store.connect_listing(device_pk).await
     }
@@ -378,4 +400,71 @@ pub fn command_json(row: &CommandRow) -> Value {
         "error": row.error,
         "idempotency_key": row.idempotency_key,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::commands::Cancel;
+
+    fn request(key: &str) -> CommandRequest {
+        CommandRequest {
+            name: "ping".into(),
+            params: "{}".into(),
+            ttl_s: 60,
+            timeout_s: 30,
+            idempotency_key: Some(key.into()),
+        }
+    }
+
+    /// What lets a connecting device skip its command listing: its lookup says whether it has
+    /// commands waiting, and the count says whether one was queued after that lookup.
+    #[tokio::test]
+    async fn a_device_lookup_and_the_queued_count_tell_when_a_listing_can_be_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _writer) = crate::api::test_state(dir.path()).await;
+        let (store, commands) = (&state.store, &state.commands);
+        let device = store
+            .create_device("d1", None, "{}", b"hash-of-d1", 1)
+            .await
+            .unwrap();
+        let waiting = || async {
+            let owner = store.device_by_token(b"hash-of-d1").await.unwrap().unwrap();
+            owner.commands_waiting
+        };
+        assert!(!waiting().await, "a new device has no commands waiting");
+
+        let before = commands.queued_count();
+        assert!(!commands.queued_since(before));
+        let Queued::New(row) = commands
+            .queue(device.pk, "d1", request("k1"))
+            .await
+            .unwrap()
+        else {
+            panic!("a new command");
+        };
+        assert!(commands.queued_since(before), "queuing counts");
+        assert!(waiting().await, "a queued command is waiting");
+
+        // The same idempotency key queues nothing new.
+        let after = commands.queued_count();
+        let again = commands
+            .queue(device.pk, "d1", request("k1"))
+            .await
+            .unwrap();
+        assert!(matches!(again, Queued::Existing(_)));
+        assert!(!commands.queued_since(after));
+
+        // Sent and never acknowledged, it is waiting too (it is sent again on connect).
+        let taken = commands.take_for_delivery(device.pk).await.unwrap();
+        assert_eq!(taken.rows.len(), 1);
+        assert!(waiting().await, "a sent, unacknowledged command is waiting");
+
+        // Once final, nothing is left to list.
+        assert!(matches!(
+            commands.cancel(&row.id).await.unwrap(),
+            Cancel::Canceled(_)
+        ));
+        assert!(!waiting().await, "a final command is not waiting");
+    }
 }

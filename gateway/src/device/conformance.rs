@@ -61,6 +61,7 @@ where
         session_id: uuid::Uuid::now_v7().to_string(),
         remote_addr: peer.to_string(),
         auth: "none",
+        commands_as_of: None,
     };
     Session::new(ws, ctx, identity).run_echo().await;
 }

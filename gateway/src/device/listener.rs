@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::handshake::{self, Refusal};
+use super::held_write::HeldWrite;
 use super::limits::Refused;
 use super::session::{Identity, Session};
 use super::DeviceContext;
@@ -181,6 +182,8 @@ async fn upgrade<S>(
             return;
         }
     };
+    // Read before the device is looked up (see `Commands::queued_since`).
+    let queued_count = ctx.commands.queued_count();
     let accepted =
         tokio::time::timeout_at(deadline, authenticate(&mut stream, certified, &ctx)).await;
     let (owner, auth, request, leftover) = match accepted {
@@ -202,10 +205,8 @@ async fn upgrade<S>(
         }
     };
     tracing::Span::current().record("device_id", owner.id.as_str());
-    let response = handshake::accept_response(&request);
-    if stream.write_all(response.as_bytes()).await.is_err() || stream.flush().await.is_err() {
-        return;
-    }
+    // Sent with the welcome, once the session is on record (see `HeldWrite`).
+    let stream = HeldWrite::new(stream, handshake::accept_response(&request).into_bytes());
     let config = ws_config(ctx.settings.max_message_bytes);
     let ws = if leftover.is_empty() {
         WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await
@@ -219,6 +220,7 @@ async fn upgrade<S>(
         session_id: uuid::Uuid::now_v7().to_string(),
         remote_addr: peer.to_string(),
         auth,
+        commands_as_of: (!owner.commands_waiting).then_some(queued_count),
     };
     let span = tracing::Span::current();
     span.record("session_id", identity.session_id.as_str());
@@ -291,6 +293,7 @@ where
                     pk: row.pk,
                     id: row.id,
                     enabled: row.enabled,
+                    commands_waiting: true,
                 })
                 .ok_or(Refusal::unauthorized(
                     "the client certificate names no registered device",

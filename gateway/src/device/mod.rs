@@ -3,6 +3,7 @@
 #[cfg(feature = "conformance")]
 mod conformance;
 pub mod handshake;
+mod held_write;
 pub mod limits;
 pub mod listener;
 pub mod protocol;

@@ -40,6 +40,9 @@ pub struct Identity {
     pub session_id: String,
     pub remote_addr: String,
     pub auth: &'static str,
+    /// Set when the device had no commands waiting at its lookup: the count of queued
+    /// commands read before it, and its connect listing is skipped while that holds.
+    pub commands_as_of: Option<u64>,
 }
 
 /// Waits for the commit of something the device sent: telemetry, or a command ack or result.
@@ -517,7 +520,14 @@ where
         // Taken before the listing: a command queued after it sets the flag again.
         let mut look = self.handle.take_backlog();
         let listed = async {
-            if reconnect {
+            let none_waiting = self
+                .me
+                .commands_as_of
+                .is_some_and(|count| !commands.queued_since(count));
+            if reconnect && none_waiting {
+                // The device's lookup found nothing to list, and nothing was queued since.
+                look = false;
+            } else if reconnect {
                 let listing = commands.connect_listing(pk).await?;
                 due = listing.unacked;
                 // With nothing queued, the commit that would take from the queue is saved.

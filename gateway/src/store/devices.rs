@@ -25,6 +25,9 @@ pub struct TokenOwner {
     pub pk: i64,
     pub id: String,
     pub enabled: bool,
+    /// Whether the device had queued or unacknowledged commands when it was looked up
+    /// (`true` where that was not asked): with none, its connect listing can be skipped.
+    pub commands_waiting: bool,
 }
 
 /// Changes to a device; `None` leaves a field as it is.
@@ -173,14 +176,21 @@ impl Store {
         &self,
         token_hash: &[u8],
     ) -> Result<Option<TokenOwner>, StoreError> {
-        let row = sqlx::query("SELECT pk, id, enabled FROM devices WHERE token_hash = ?1")
-            .bind(token_hash)
-            .fetch_optional(&self.read)
-            .await?;
+        // One read answers both questions a connecting device raises: who it is, and whether
+        // there are commands to list for it (one database round trip fewer per connection).
+        let row = sqlx::query(
+            "SELECT pk, id, enabled, EXISTS (SELECT 1 FROM commands \
+                 WHERE device_pk = devices.pk AND status IN ('queued', 'sent')) AS waiting \
+             FROM devices WHERE token_hash = ?1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.read)
+        .await?;
         Ok(row.map(|r| TokenOwner {
             pk: r.get("pk"),
             id: r.get("id"),
             enabled: r.get("enabled"),
+            commands_waiting: r.get("waiting"),
         }))
     }
 }
