@@ -205,8 +205,6 @@ impl Commands {
         Ok(outcome)
     }
 
-    /// Commands a connecting device was sent but never acked (they go out again), and
-    /// whether any wait in its queue.
     /// The count of queued commands, for [`Commands::queued_since`].
     pub fn queued_count(&self) -> u64 {
         self.queued.load(Ordering::SeqCst)
@@ -222,6 +220,8 @@ impl Commands {
         self.queued.load(Ordering::SeqCst) != count
     }
 
+    /// Commands a connecting device was sent but never acked (they go out again), and
+    /// whether any wait in its queue.
     pub async fn connect_listing(&self, device_pk: i64) -> Result<ConnectListing, StoreError> {
         self.store.connect_listing(device_pk).await
     }

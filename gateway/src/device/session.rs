@@ -520,18 +520,17 @@ where
         // Taken before the listing: a command queued after it sets the flag again.
         let mut look = self.handle.take_backlog();
         let listed = async {
-            let none_waiting = self
-                .me
-                .commands_as_of
-                .is_some_and(|count| !commands.queued_since(count));
-            if reconnect && none_waiting {
-                // The device's lookup found nothing to list, and nothing was queued since.
-                look = false;
-            } else if reconnect {
-                let listing = commands.connect_listing(pk).await?;
-                due = listing.unacked;
-                // With nothing queued, the commit that would take from the queue is saved.
-                look &= listing.any_queued;
+            if reconnect {
+                let as_of = self.me.commands_as_of;
+                if as_of.is_some_and(|count| !commands.queued_since(count)) {
+                    // The device's lookup found nothing to list, and nothing was queued since.
+                    look = false;
+                } else {
+                    let listing = commands.connect_listing(pk).await?;
+                    due = listing.unacked;
+                    // With nothing queued, the commit that would take from the queue is saved.
+                    look &= listing.any_queued;
+                }
             }
             if look {
                 let taken = commands.take_for_delivery(pk).await?;
