@@ -92,6 +92,9 @@ wait_for_exit() {
     watchdog=$!
     EXIT_STATUS=0
     wait "$pid" 2>/dev/null || EXIT_STATUS=$?
+    # Its sleep first: left running, it would keep this script's stdout open (a `| tee` would
+    # wait for it) and could later kill a process that reused PID.
+    pkill -P "$watchdog" sleep 2>/dev/null || true
     kill "$watchdog" 2>/dev/null || true
     wait "$watchdog" 2>/dev/null || true
     unset "RUNNING[$pid]"
