@@ -4,7 +4,7 @@
 # figure, each peer's, and our ratio to each (ours / peer), then the targets and whether
 # they hold. docs/benchmarks.md says what each scenario does and shows a run.
 #
-#   bash bench/run.sh                 # everything: about 15 minutes
+#   bash bench/run.sh                 # everything: 8 to 20 minutes, with the machine
 #   INGEST_DURATION=5 FLEET_DEVICES=2000 CMD_COMMANDS=200 bash bench/run.sh   # a quick look
 #
 # Systems: ours (the gateway, release build), node (bench/peers/node-ws: ws + better-sqlite3 12
