@@ -218,6 +218,7 @@ impl Target {
         };
         // A port of an earlier run's connection in TIME_WAIT may be taken again.
         socket.set_reuseaddr(true)?;
+        defer_port_choice(&socket)?;
         socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
             io::Error::new(e.kind(), format!("binding source address {source}: {e}"))
         })?;
@@ -228,6 +229,24 @@ impl Target {
     pub fn url(&self) -> String {
         self.uri.to_string()
     }
+}
+
+/// Leaves the choice of the local port to `connect` (Linux's `IP_BIND_ADDRESS_NO_PORT`).
+///
+/// Binding a source address with port 0 makes the kernel pick a port that is free for every
+/// destination, searching the ports bound so far: with thousands of connections held from one
+/// address, each search costs more than the TLS handshake that follows (a fleet's connects
+/// slowed to a few hundred a second, with the simulator's CPU in `bind`). Chosen at
+/// `connect`, a port only has to be unique for its destination.
+#[cfg(target_os = "linux")]
+fn defer_port_choice(socket: &TcpSocket) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
+    setsockopt(socket, IpBindAddressNoPort, &true).map_err(io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_port_choice(_: &TcpSocket) -> io::Result<()> {
+    Ok(())
 }
 
 /// Why a connection attempt failed.
