@@ -26,6 +26,7 @@
 //! The binary adds the operator CLI (`src/cli/`: `gateway devices ...`, `gateway
 //! commands ...`), which talks to a running gateway over its HTTP API only.
 
+pub mod activation;
 pub mod api;
 pub mod commands;
 pub mod config;
@@ -48,6 +49,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use activation::Inherited;
 use config::Settings;
 use device::DeviceContext;
 use hub::Hub;
@@ -65,6 +67,11 @@ pub enum GatewayError {
     Bind {
         which: &'static str,
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the {which} listener handed over by the service manager: {source}")]
+    HandedOver {
+        which: &'static str,
         source: std::io::Error,
     },
     #[error("API key file {path}: {source}")]
@@ -90,8 +97,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Prepares TLS, opens and migrates the database, resolves the API key, binds both listeners.
-    pub async fn bind(settings: Settings) -> Result<Gateway, GatewayError> {
+    /// Prepares TLS, opens and migrates the database, resolves the API key, binds both
+    /// listeners (or takes the ones a service manager handed over).
+    pub async fn bind(settings: Settings, inherited: Inherited) -> Result<Gateway, GatewayError> {
         let needs_cert = !settings.no_tls || settings.api_tls;
         let (device_tls, api_tls) = if needs_cert {
             let files = tls::resolve_cert_files(
@@ -147,8 +155,22 @@ impl Gateway {
                 source,
             })
         };
-        let device_listener = bind("device", settings.device_addr)?;
-        let api_listener = bind("API", settings.api_addr)?;
+        let handed_over = |listener: std::net::TcpListener, which: &'static str| {
+            let listener = TcpListener::from_std(listener)
+                .map_err(|source| GatewayError::HandedOver { which, source })?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "the {which} listener was handed over by the service manager");
+            }
+            Ok::<_, GatewayError>(listener)
+        };
+        let device_listener = match inherited.device {
+            Some(listener) => handed_over(listener, "device")?,
+            None => bind("device", settings.device_addr)?,
+        };
+        let api_listener = match inherited.api {
+            Some(listener) => handed_over(listener, "API")?,
+            None => bind("API", settings.api_addr)?,
+        };
         Ok(Gateway {
             settings: Arc::new(settings),
             store,

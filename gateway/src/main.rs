@@ -7,6 +7,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gateway::activation::Inherited;
 use gateway::config::{LogFormat, ServeArgs, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +62,14 @@ fn main() -> ExitCode {
         Some(Command::Certs(args)) => return cli::certs::run(args),
         None => cli.serve,
     };
+    // Before any thread starts: it takes the sockets and clears their variables.
+    let inherited = match Inherited::from_env() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let settings = match Settings::load(args) {
         Ok(s) => s,
         Err(e) => {
@@ -79,7 +88,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(settings)) {
+    match runtime.block_on(serve(settings, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -89,8 +98,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(settings: Settings) -> Result<(), gateway::GatewayError> {
-    let gateway = gateway::Gateway::bind(settings).await?;
+async fn serve(settings: Settings, inherited: Inherited) -> Result<(), gateway::GatewayError> {
+    let gateway = gateway::Gateway::bind(settings, inherited).await?;
     let line = gateway.listening_line();
     {
         let mut out = std::io::stdout().lock();

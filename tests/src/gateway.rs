@@ -1,11 +1,13 @@
 //! The real `gateway` binary as a fixture: built once per test run, started on free ports in a
 //! fresh directory, killed (`SIGKILL`) or terminated (`SIGTERM`), restarted on the same data.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use command_fds::{CommandFdExt, FdMapping};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout, Command};
@@ -27,6 +29,7 @@ pub struct Options {
     env: Vec<(String, String)>,
     key: KeyMode,
     data_tmpfs: Option<String>,
+    device_socket: Option<Arc<std::net::TcpListener>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -67,6 +70,14 @@ impl Options {
     /// reaches the files through [`Gateway::data_dir`]. The data ends with the process.
     pub fn data_on_tmpfs(mut self, size: &str) -> Self {
         self.data_tmpfs = Some(size.to_owned());
+        self
+    }
+
+    /// Hand the gateway `listener` as its device socket, as systemd socket activation does
+    /// (descriptor 3, `LISTEN_FDS=1`). The test keeps its own handle, so the socket outlives
+    /// the process: a restart with the same options gets the same socket.
+    pub fn device_socket(mut self, listener: Arc<std::net::TcpListener>) -> Self {
+        self.device_socket = Some(listener);
         self
     }
 
@@ -177,6 +188,18 @@ impl Gateway {
             }
         }
         cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if let Some(listener) = &opts.device_socket {
+            let parent_fd = listener
+                .as_fd()
+                .try_clone_to_owned()
+                .expect("dup the socket");
+            cmd.fd_mappings(vec![FdMapping {
+                parent_fd,
+                child_fd: 3,
+            }])
+            .expect("one mapping")
+            .env("LISTEN_FDS", "1");
+        }
         let mut child = cmd.spawn().expect("spawn the gateway binary");
         let pid = child.id().expect("gateway pid");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
