@@ -29,6 +29,9 @@
 #             the server's handshake outcomes since the restart, in the log); failed handshakes
 #             are counted apart for the fleet's first connect and after the restart (the fleet
 #             prints its errors so far on SIGUSR1, sent just before the restart)
+#   storm held  the same again with the device socket held across the restart, as systemd
+#             socket activation holds it (bench/hold-listener.py: LISTEN_FDS, SIGHUP restarts the
+#             server): devices that reconnect meanwhile wait in the accept queue, not refused
 #
 # Knobs (environment): SCENARIOS ("ingest commands idle storm"), PEERS ("node mosquitto"),
 # INGEST_DURATION (30), INGEST_WARMUP (2), INGEST_DEVICES (100), INGEST_INFLIGHT (8),
@@ -36,7 +39,8 @@
 # CMD_WAIT_S (10), BG_DEVICES (100), BG_RATE (msgs/s per background device; default: half our
 # FULL peak / BG_DEVICES, or 50 without the ingest scenario), FLEET_DEVICES (19000),
 # FLEET_PROCESSES (4), FLEET_CONNECT_CONCURRENCY (250 per process), STORM_CONNECT_CONCURRENCY
-# (1000 in all, spread over the FLEET_PROCESSES processes), STORM_TIMEOUT (120 s), BENCH_TMPDIR (default $TMPDIR or /tmp), CARGO_TARGET_DIR.
+# (1000 in all, spread over the FLEET_PROCESSES processes), STORM_TIMEOUT (120 s), STORM_HELD
+# (1: also the storm with the socket held; 0: not), BENCH_TMPDIR (default $TMPDIR or /tmp), CARGO_TARGET_DIR.
 # Everything started here is stopped (by pid) and the temporary directory removed at the end,
 # also on Ctrl-C or failure; every wait has a time limit.
 set -euo pipefail
@@ -60,6 +64,7 @@ FLEET_PROCESSES=${FLEET_PROCESSES:-4}
 FLEET_CONNECT_CONCURRENCY=${FLEET_CONNECT_CONCURRENCY:-250}
 STORM_CONNECT_CONCURRENCY=${STORM_CONNECT_CONCURRENCY:-1000}
 STORM_TIMEOUT=${STORM_TIMEOUT:-120}
+STORM_HELD=${STORM_HELD:-1}
 TMP_BASE=${BENCH_TMPDIR:-${TMPDIR:-/tmp}}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 NODE_PEER=$ROOT/bench/peers/node-ws
@@ -170,8 +175,10 @@ declare -A S=()
 
 # start SYS DIR SYNCHRONOUS [DEVICE_ADDR API_ADDR]: starts ours or node with its data in DIR.
 start() {
-    local sys=$1 dir=$2 sync=$3 daddr=${4:-127.0.0.1:0} aaddr=${5:-127.0.0.1:0} line
+    local sys=$1 dir=$2 sync=$3 daddr=${4:-127.0.0.1:0} aaddr=${5:-127.0.0.1:0} line launcher=()
     mkdir -p "$dir"
+    # held: the device socket is bound by bench/hold-listener.py and handed to the server.
+    [[ ${6:-} != held ]] || launcher=(python3 "$ROOT/bench/hold-listener.py" "$daddr" --)
     [[ -n ${S[$sys.key]:-} && ${S[$sys.dir]:-} == "$dir" ]] || S[$sys.key]=$(new_key)
     S[$sys.dir]=$dir
     case $sys in
@@ -181,7 +188,7 @@ start() {
                 export GATEWAY_API_KEY=${S[ours.key]}
                 # The per-device rate limit would otherwise cap throughput at 100 msgs/s per device.
                 export GATEWAY_TELEMETRY_RATE=1000000 GATEWAY_TELEMETRY_BURST=1000000
-                exec "$GATEWAY_BIN" --device-addr "$daddr" --api-addr "$aaddr" \
+                exec "${launcher[@]}" "$GATEWAY_BIN" --device-addr "$daddr" --api-addr "$aaddr" \
                     --database-url "sqlite://$dir/gateway.db" --synchronous "$sync"
             ) >>"$dir/server.out" 2>>"$dir/server.log" &
             ;;
@@ -189,7 +196,7 @@ start() {
             (
                 cd "$dir"
                 export PEER_API_KEY=${S[node.key]}
-                exec node "$NODE_PEER/server.js" --cert "$CERTS/server.pem" --key "$CERTS/server-key.pem" \
+                exec "${launcher[@]}" node "$NODE_PEER/server.js" --cert "$CERTS/server.pem" --key "$CERTS/server-key.pem" \
                     --database "$dir/peer.db" --device-addr "$daddr" --api-addr "$aaddr" --synchronous "$sync"
             ) >>"$dir/server.out" 2>>"$dir/server.log" &
             ;;
@@ -458,58 +465,85 @@ failed_handshakes() {
         | awk -F= '{ n += $2 } END { print n + 0 }'
 }
 
-# storm SYS: the fleet as reconnecting devices; the server restarted under it.
+# restart_held SYS: SIGHUP to the socket holder, which stops the server and starts it again;
+# sets HALT_S (the holder's time from SIGTERM to exit) and t_start (when the new one started),
+# and returns once the new server prints its listening line.
+restart_held() {
+    local sys=$1 dir=${S[$1.dir]} stops listens deadline=$((SECONDS + 90))
+    stops=$(grep -c '^hold: pid .* stopped in ' "$dir/server.log" || true)
+    listens=$(grep -c '^listening ' "$dir/server.out" || true)
+    kill -HUP "${S[$sys.pid]}"
+    until (($(grep -c '^hold: pid .* stopped in ' "$dir/server.log" || true) > stops)); do
+        ((SECONDS < deadline)) || die "$sys: the socket holder did not restart the server"
+        sleep 0.02
+    done
+    t_start=$(now)
+    HALT_S=$(grep '^hold: pid .* stopped in ' "$dir/server.log" | tail -n1 | sed -nE 's/.* stopped in ([0-9.]+) s.*/\1/p')
+    until (($(grep -c '^listening ' "$dir/server.out" || true) > listens)); do
+        ((SECONDS < deadline)) || die "$sys: the restarted server printed no listening line"
+        sleep 0.02
+    done
+}
+
+# storm SYS [held]: the fleet as reconnecting devices; the server restarted under it (held: by
+# SIGHUP to bench/hold-listener.py, which keeps the device socket open meanwhile). Results go to
+# R[storm_*] (R[held_*] when held).
 storm() {
-    local sys=$1 dir=${S[$1.dir]} fleet_pid t_term t_start kinds handshakes before
+    local sys=$1 mode=${2:-} dir=${S[$1.dir]} fleet_pid t_term t_start kinds handshakes before k=storm
+    [[ $mode != held ]] || k=held
     local daddr=${S[$1.device_addr]} aaddr=${S[$1.api_addr]}
     # STORM_CONNECT_CONCURRENCY handshakes in flight in all, whatever the number of processes.
     local per_process=$(((STORM_CONNECT_CONCURRENCY + FLEET_PROCESSES - 1) / FLEET_PROCESSES))
-    log "storm $sys: connecting $FLEET_DEVICES reconnecting devices over $FLEET_PROCESSES processes" \
+    log "$k $sys: connecting $FLEET_DEVICES reconnecting devices over $FLEET_PROCESSES processes" \
         "($per_process handshakes in flight each)"
     (sim "$sys" --connect-concurrency "$per_process" --source-ips "127.0.1.1-127.0.1.2" \
         run --devices "$FLEET_DEVICES" --processes "$FLEET_PROCESSES" --rate 0 --duration 30m --json) \
-        >"$dir/storm.out" 2>"$dir/storm.log" &
+        >"$dir/$k.out" 2>"$dir/$k.log" &
     fleet_pid=$!
-    RUNNING[$fleet_pid]="device-sim (storm $sys)"
-    log "storm $sys: kernel TCP counters before the fleet: $(tcp_counters)"
-    R[storm_first.$sys]=$(wait_online "$sys" "$FLEET_DEVICES" 600)
-    [[ ${R[storm_first.$sys]} != timeout ]] || die "storm $sys: the fleet did not come online"
-    log "storm $sys: all $FLEET_DEVICES online after ${R[storm_first.$sys]} s; restarting the server"
+    RUNNING[$fleet_pid]="device-sim ($k $sys)"
+    log "$k $sys: kernel TCP counters before the fleet: $(tcp_counters)"
+    R[${k}_first.$sys]=$(wait_online "$sys" "$FLEET_DEVICES" 600)
+    [[ ${R[${k}_first.$sys]} != timeout ]] || die "storm $sys: the fleet did not come online"
+    log "$k $sys: all $FLEET_DEVICES online after ${R[${k}_first.$sys]} s; restarting the server"
     sleep 2
-    log "storm $sys: kernel TCP counters before the restart: $(tcp_counters)"
+    log "$k $sys: kernel TCP counters before the restart: $(tcp_counters)"
     handshakes=$(handshakes "$sys")
-    [[ -z $handshakes ]] || log "storm $sys: the server's handshakes before its restart: $handshakes"
+    [[ -z $handshakes ]] || log "$k $sys: the server's handshakes before its restart: $handshakes"
     # The fleet's errors so far (it prints them on SIGUSR1): the ones after are the restart's.
     kill -USR1 "$fleet_pid"
-    before=$(errors_reported "$dir/storm.log")
+    before=$(errors_reported "$dir/$k.log")
     t_term=$(now)
-    halt "$sys"
-    R[storm_halt.$sys]=$HALT_S
-    t_start=$(now)
-    start "$sys" "$dir" full "$daddr" "$aaddr"
-    R[storm_listen.$sys]=$(since "$t_start")
-    R[storm_online.$sys]=$(wait_online "$sys" "$FLEET_DEVICES" "$STORM_TIMEOUT")
-    R[storm_total.$sys]=$(since "$t_term")
-    [[ ${R[storm_online.$sys]} != timeout ]] || R[storm_total.$sys]=timeout
-    R[storm_from_start.$sys]=$(awk -v a="${R[storm_listen.$sys]}" -v b="${R[storm_online.$sys]}" \
+    if [[ $mode == held ]]; then
+        restart_held "$sys"
+    else
+        halt "$sys"
+        t_start=$(now)
+        start "$sys" "$dir" full "$daddr" "$aaddr"
+    fi
+    R[${k}_halt.$sys]=$HALT_S
+    R[${k}_listen.$sys]=$(since "$t_start")
+    R[${k}_online.$sys]=$(wait_online "$sys" "$FLEET_DEVICES" "$STORM_TIMEOUT")
+    R[${k}_total.$sys]=$(since "$t_term")
+    [[ ${R[${k}_online.$sys]} != timeout ]] || R[${k}_total.$sys]=timeout
+    R[${k}_from_start.$sys]=$(awk -v a="${R[${k}_listen.$sys]}" -v b="${R[${k}_online.$sys]}" \
         'BEGIN { if (b == "timeout") print "timeout"; else printf "%.2f", a + b }')
     handshakes=$(handshakes "$sys")
-    [[ -z $handshakes ]] || log "storm $sys: the server's handshakes since its restart: $handshakes"
-    log "storm $sys: kernel TCP counters with all online again: $(tcp_counters)"
+    [[ -z $handshakes ]] || log "$k $sys: the server's handshakes since its restart: $handshakes"
+    log "$k $sys: kernel TCP counters with all online again: $(tcp_counters)"
     sleep 2
     stop "$fleet_pid" 30
     # Errors by kind, from the fleet's summary line on stderr.
-    kinds=$(sed -nE 's/^run: stopped after .*; errors by kind: (.*)$/\1/p' "$dir/storm.log" | tail -n1)
-    R[storm_kinds.$sys]=${kinds:-none}
+    kinds=$(sed -nE 's/^run: stopped after .*; errors by kind: (.*)$/\1/p' "$dir/$k.log" | tail -n1)
+    R[${k}_kinds.$sys]=${kinds:-none}
     # Connection refused while no server listened is expected; every other connect error is a
     # failed (or refused) handshake.
-    R[storm_refused_tcp.$sys]=$(grep -oE 'connect: tcp=[0-9]+' <<<"$kinds" | cut -d= -f2 || true)
-    R[storm_first_failures.$sys]=$(failed_handshakes "$before")
-    R[storm_failures.$sys]=$(($(failed_handshakes "$kinds") - R[storm_first_failures.$sys]))
-    log "storm $sys: halt ${R[storm_halt.$sys]} s, listening ${R[storm_listen.$sys]} s after start, all online" \
-        "${R[storm_online.$sys]} s after that; connect errors: ${R[storm_kinds.$sys]}"
+    R[${k}_refused_tcp.$sys]=$( (grep -oE 'connect: tcp=[0-9]+' <<<"$kinds" || echo =0) | cut -d= -f2)
+    R[${k}_first_failures.$sys]=$(failed_handshakes "$before")
+    R[${k}_failures.$sys]=$(($(failed_handshakes "$kinds") - R[${k}_first_failures.$sys]))
+    log "$k $sys: halt ${R[${k}_halt.$sys]} s, listening ${R[${k}_listen.$sys]} s after start, all online" \
+        "${R[${k}_online.$sys]} s after that; connect errors: ${R[${k}_kinds.$sys]}"
     # The first error of each kind in each process, as the fleet printed it.
-    grep -E '^device-sim: connect: ' "$dir/storm.log" | sort | uniq -c | sed 's/^/    /' >&2 || true
+    grep -E '^device-sim: connect: ' "$dir/$k.log" | sort | uniq -c | sed 's/^/    /' >&2 || true
 }
 
 for sys in ours node; do
@@ -523,6 +557,11 @@ for sys in ours node; do
     fi
     has "$SCENARIOS" storm && storm "$sys"
     halt "$sys"
+    if has "$SCENARIOS" storm && [[ $STORM_HELD == 1 ]]; then
+        start "$sys" "$TMP/fleet-$sys" full "${S[$sys.device_addr]}" "${S[$sys.api_addr]}" held
+        storm "$sys" held
+        halt "$sys"
+    fi
 done
 
 R[fsync.after]=$(fsync_probe)
@@ -577,12 +616,20 @@ if has "$SCENARIOS" storm; then
     line3 "storm: failed handshakes, first connect" storm_first_failures
     line3 "storm: failed handshakes after restart" storm_failures
     line3 "storm: refused TCP connects (no server)" storm_refused_tcp
+    if [[ $STORM_HELD == 1 ]]; then
+        line3 "storm, socket held: s from SIGTERM to exit" held_halt
+        line3 "storm, socket held: s from start to all online" held_from_start
+        line3 "storm, socket held: s from SIGTERM to all online" held_total
+        line3 "storm, socket held: failed handshakes after" held_failures
+        line3 "storm, socket held: refused TCP connects" held_refused_tcp
+    fi
 fi
 echo "ratio: ours / peer (for msgs/s higher is better; for ms, µs, KiB and seconds lower is better)"
 echo "commands: $CMD_COMMANDS ping commands with wait_s=$CMD_WAIT_S, round-robin over $CMD_DEVICES devices, $CMD_CONCURRENCY operator(s); background: $BG_DEVICES devices x $BG_RATE msgs/s"
 if has "$SCENARIOS" storm; then
     for sys in ours node; do
         [[ -n ${R[storm_kinds.$sys]:-} ]] && echo "storm $sys: client-side errors by kind: ${R[storm_kinds.$sys]}"
+        [[ -n ${R[held_kinds.$sys]:-} ]] && echo "storm, socket held, $sys: client-side errors by kind: ${R[held_kinds.$sys]}"
     done
 fi
 
@@ -614,4 +661,9 @@ fi
 if has "$SCENARIOS" storm; then
     target "storm: all $FLEET_DEVICES online within 10 s of the restart" "$(cell storm_from_start.ours)" "v <= 10"
     target "storm: no failed handshake after the restart" "$(cell storm_failures.ours)" "v == 0"
+    if [[ $STORM_HELD == 1 ]]; then
+        target "storm, socket held: all $FLEET_DEVICES online within 10 s" "$(cell held_from_start.ours)" "v <= 10"
+        target "storm, socket held: none refused (handshakes + TCP)" \
+            "$(($(cell held_failures.ours) + ${R[held_refused_tcp.ours]:-0}))" "v == 0"
+    fi
 fi

@@ -15,6 +15,8 @@
 //
 //   node server.js --cert server.pem --key server-key.pem [--database peer.db]
 //                  [--device-addr 127.0.0.1:0] [--api-addr 127.0.0.1:0] [--synchronous full|normal]
+// With LISTEN_FDS=1 (systemd socket activation, bench/hold-listener.py) the device socket is
+// descriptor 3 and --device-addr is not used.
 // The operator API key comes from the environment (PEER_API_KEY), never the command line.
 'use strict';
 const crypto = require('node:crypto');
@@ -408,14 +410,18 @@ const apiServer = http.createServer((req, res) => {
 });
 
 // --- start and stop -------------------------------------------------------------------------
-function listen(server, addr) {
+// A device socket handed over as systemd does (LISTEN_FDS=1: descriptor 3) is served as is.
+function listen(server, addr, handle) {
   const i = addr.lastIndexOf(':');
   return new Promise((resolve, reject) => {
     server.once('error', reject);
-    server.listen(Number(addr.slice(i + 1)), addr.slice(0, i), () => resolve(server.address().port));
+    const done = () => resolve(server.address().port);
+    if (handle) server.listen(handle, done);
+    else server.listen(Number(addr.slice(i + 1)), addr.slice(0, i), done);
   });
 }
-Promise.all([listen(deviceServer, args['device-addr']), listen(apiServer, args['api-addr'])]).then(([dp, ap]) => {
+const deviceHandle = process.env.LISTEN_FDS === '1' ? { fd: 3 } : null;
+Promise.all([listen(deviceServer, args['device-addr'], deviceHandle), listen(apiServer, args['api-addr'])]).then(([dp, ap]) => {
   console.log(`listening device=wss://127.0.0.1:${dp}/v1/connect api=http://127.0.0.1:${ap}/v1`);
 }, (e) => fail(`cannot listen: ${e.message}`));
 
