@@ -208,7 +208,7 @@ start() {
     local deadline=$((SECONDS + 60))
     until (($(grep -c '^listening ' "$dir/server.out" 2>/dev/null || true) > before)); do
         kill -0 "${S[$sys.pid]}" 2>/dev/null || { tail -n 20 "$dir/server.log" >&2; die "$sys server exited at start"; }
-        ((SECONDS < deadline)) || die "$sys server printed no listening line in 60 s"
+        ((SECONDS < deadline)) || { tail -n 20 "$dir/server.log" >&2; die "$sys server printed no listening line in 60 s"; }
         sleep 0.02
     done
     line=$(grep '^listening ' "$dir/server.out" | tail -n1)
