@@ -28,6 +28,11 @@ def log(message):
     print(f"hold: {message}", file=sys.stderr, flush=True)
 
 
+def exit_code(status):
+    """A shell's exit status for a child's: 128 + N when signal N ended it."""
+    return status if status >= 0 else 128 - status
+
+
 def bind(addr):
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
@@ -74,14 +79,13 @@ def main():
             status = child.poll()
             if status is not None:
                 log(f"pid {child.pid} exited by itself (status {status})")
-                return status if status >= 0 else 128 - status
+                return exit_code(status)
             continue
         if info.si_signo == signal.SIGHUP:
             stop(child)
             child = spawn()
         else:
-            status = stop(child)
-            return status if status >= 0 else 128 - status
+            return exit_code(stop(child))
 
 
 if __name__ == "__main__":

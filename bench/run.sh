@@ -173,7 +173,21 @@ fi
 # S[sys.pid], .device (URL), .api (URL), .root (API root), .key, .dir, .device_addr, .api_addr
 declare -A S=()
 
-# start SYS DIR SYNCHRONOUS [DEVICE_ADDR API_ADDR]: starts ours or node with its data in DIR.
+# listening_lines DIR: how many `listening` lines the server in DIR has printed so far.
+listening_lines() { grep -c '^listening ' "$1/server.out" 2>/dev/null || true; }
+
+# wait_listening SYS BEFORE: until SYS's server prints a listening line after the first BEFORE;
+# dies (with the tail of its log) if the process S[SYS.pid] exits or 60 s pass.
+wait_listening() {
+    local sys=$1 before=$2 dir=${S[$1.dir]} deadline=$((SECONDS + 60))
+    until (($(listening_lines "$dir") > before)); do
+        kill -0 "${S[$sys.pid]}" 2>/dev/null || { tail -n 20 "$dir/server.log" >&2; die "$sys server exited at start"; }
+        ((SECONDS < deadline)) || { tail -n 20 "$dir/server.log" >&2; die "$sys server printed no listening line in 60 s"; }
+        sleep 0.02
+    done
+}
+
+# start SYS DIR SYNCHRONOUS [DEVICE_ADDR API_ADDR [held]]: starts ours or node with its data in DIR.
 start() {
     local sys=$1 dir=$2 sync=$3 daddr=${4:-127.0.0.1:0} aaddr=${5:-127.0.0.1:0} line launcher=()
     mkdir -p "$dir"
@@ -181,6 +195,8 @@ start() {
     [[ ${6:-} != held ]] || launcher=(python3 "$ROOT/bench/hold-listener.py" "$daddr" --)
     [[ -n ${S[$sys.key]:-} && ${S[$sys.dir]:-} == "$dir" ]] || S[$sys.key]=$(new_key)
     S[$sys.dir]=$dir
+    local before
+    before=$(listening_lines "$dir")
     case $sys in
         ours)
             (
@@ -203,14 +219,7 @@ start() {
     esac
     S[$sys.pid]=$!
     RUNNING[${S[$sys.pid]}]="$sys server"
-    local before
-    before=$(grep -c '^listening ' "$dir/server.out" 2>/dev/null || true)
-    local deadline=$((SECONDS + 60))
-    until (($(grep -c '^listening ' "$dir/server.out" 2>/dev/null || true) > before)); do
-        kill -0 "${S[$sys.pid]}" 2>/dev/null || { tail -n 20 "$dir/server.log" >&2; die "$sys server exited at start"; }
-        ((SECONDS < deadline)) || { tail -n 20 "$dir/server.log" >&2; die "$sys server printed no listening line in 60 s"; }
-        sleep 0.02
-    done
+    wait_listening "$sys" "$before"
     line=$(grep '^listening ' "$dir/server.out" | tail -n1)
     S[$sys.device]=$(sed -nE 's/.* device=([^ ]+).*/\1/p' <<<"$line")
     S[$sys.api]=$(sed -nE 's/.* api=([^ ]+).*/\1/p' <<<"$line")
@@ -471,7 +480,7 @@ failed_handshakes() {
 restart_held() {
     local sys=$1 dir=${S[$1.dir]} stops listens deadline=$((SECONDS + 90))
     stops=$(grep -c '^hold: pid .* stopped in ' "$dir/server.log" || true)
-    listens=$(grep -c '^listening ' "$dir/server.out" || true)
+    listens=$(listening_lines "$dir")
     kill -HUP "${S[$sys.pid]}"
     until (($(grep -c '^hold: pid .* stopped in ' "$dir/server.log" || true) > stops)); do
         ((SECONDS < deadline)) || die "$sys: the socket holder did not restart the server"
@@ -479,10 +488,7 @@ restart_held() {
     done
     t_start=$(now)
     HALT_S=$(grep '^hold: pid .* stopped in ' "$dir/server.log" | tail -n1 | sed -nE 's/.* stopped in ([0-9.]+) s.*/\1/p')
-    until (($(grep -c '^listening ' "$dir/server.out" || true) > listens)); do
-        ((SECONDS < deadline)) || die "$sys: the restarted server printed no listening line"
-        sleep 0.02
-    done
+    wait_listening "$sys" "$listens"
 }
 
 # storm SYS [held]: the fleet as reconnecting devices; the server restarted under it (held: by

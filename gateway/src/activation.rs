@@ -53,16 +53,12 @@ impl Inherited {
                 .map_err(socket)?
                 .ok_or_else(|| socket(std::io::ErrorKind::NotFound.into()))?;
             listener.set_nonblocking(true).map_err(socket)?;
-            let which = match names.next() {
-                Some("device") => "device",
-                Some("api") => "api",
+            let (which, slot) = match names.next() {
+                Some("device") => ("device", &mut inherited.device),
+                Some("api") => ("API", &mut inherited.api),
                 // Unnamed (systemd names a socket after its unit by default): by position.
-                _ if index == 0 => "device",
-                _ => "api",
-            };
-            let slot = match which {
-                "device" => &mut inherited.device,
-                _ => &mut inherited.api,
+                _ if index == 0 => ("device", &mut inherited.device),
+                _ => ("API", &mut inherited.api),
             };
             if slot.replace(listener).is_some() {
                 return Err(ActivationError::Twice { which });
