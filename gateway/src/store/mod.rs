@@ -10,6 +10,7 @@ pub mod commands;
 pub mod devices;
 pub mod sessions;
 pub mod telemetry;
+mod wal_vfs;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -220,6 +221,11 @@ impl Store {
             })?;
         }
         let checkpoint_pages = (wal_max_bytes / 2 / PAGE_BYTES).max(1);
+        // The writer's commits go through the VFS that writes each commit's WAL frames at once.
+        let write_base = match wal_vfs::register() {
+            true => base.clone().vfs(wal_vfs::NAME),
+            false => base.clone(),
+        };
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -242,7 +248,7 @@ impl Store {
                 })
             })
             .connect_with(
-                base.clone()
+                write_base
                     .create_if_missing(true)
                     // Index pages of recent telemetry stay cached instead of being re-read.
                     .pragma("cache_size", "-16384")
