@@ -17,7 +17,8 @@
 //! - [`hub`]: who is online: device id -> handle of its live session.
 //! - [`metrics`]: Prometheus counters and histograms, rendered at `/metrics`.
 //! - [`store`]: the database: pools and migrations, one file per table family, and the
-//!   batching `writer` that commits telemetry (group commit) before it is acked.
+//!   batching `writer` that commits telemetry (group commit) before it is acked; its
+//!   connection writes the WAL through `wal_vfs`, which gathers a commit's frame writes.
 //! - [`api`]: the operator HTTP API: `router()`, one file per resource, `ApiError`; and
 //!   `api::console`, the web console's static pages (`gateway/console/`) beside it.
 //! - [`shutdown`]: signal -> cancellation; [`Gateway::run`] drains within a grace period.
