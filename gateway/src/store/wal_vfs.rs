@@ -136,6 +136,15 @@ unsafe extern "C" fn open(
     rc
 }
 
+/// [`MAX_GATHERED`], or a test's own limit.
+fn max_gathered() -> usize {
+    #[cfg(test)]
+    if let Some(max) = tests::MAX_GATHERED.get() {
+        return max;
+    }
+    MAX_GATHERED
+}
+
 /// The gathered writes of a WAL file (opened by [`open`], so they exist).
 unsafe fn gathered<'a>(file: *mut ffi::sqlite3_file) -> &'a mut Gathered {
     &mut *(*file.cast::<File>()).gathered
@@ -144,7 +153,6 @@ unsafe fn gathered<'a>(file: *mut ffi::sqlite3_file) -> &'a mut Gathered {
 /// Writes out what a WAL file gathered.
 unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
     let g = gathered(file);
-    g.commit_page_next = false;
     if g.bytes.is_empty() {
         return ffi::SQLITE_OK;
     }
@@ -166,7 +174,9 @@ unsafe fn flush(file: *mut ffi::sqlite3_file) -> c_int {
 /// the next write is written through.
 unsafe fn settle(file: *mut ffi::sqlite3_file) -> c_int {
     let rc = flush(file);
-    gathered(file).writing = false;
+    let g = gathered(file);
+    g.writing = false;
+    g.commit_page_next = false;
     rc
 }
 
@@ -180,12 +190,13 @@ unsafe extern "C" fn wal_write(
     // A frame header carries, at bytes 4..8, the database size after a commit (0 if none).
     let commit_header = amount == FRAME_HEADER && bytes[4..8] != [0, 0, 0, 0];
     let g = gathered(file);
+    // The page after a commit frame's header ends the commit: everything goes out with it.
+    let commit_complete = std::mem::replace(&mut g.commit_page_next, commit_header);
     if !g.writing {
         // The first write after another operation goes straight to the file. When SQLite
         // rewrites the checksums of a commit's frames, it reads each frame and writes its
         // header back, the commit frame's last: nothing follows that would write it out.
         g.writing = true;
-        g.commit_page_next = commit_header;
         return pass_write(file, data, amount, offset);
     }
     if !g.bytes.is_empty() && offset != g.at + g.bytes.len() as i64 {
@@ -197,11 +208,8 @@ unsafe extern "C" fn wal_write(
     if g.bytes.is_empty() {
         g.at = offset;
     }
-    // The page after a commit frame's header ends the commit: everything goes out now.
-    let commit_complete = g.commit_page_next;
-    g.commit_page_next = commit_header;
     g.bytes.extend_from_slice(bytes);
-    if commit_complete || g.bytes.len() >= MAX_GATHERED {
+    if commit_complete || g.bytes.len() >= max_gathered() {
         return flush(file);
     }
     ffi::SQLITE_OK
@@ -346,7 +354,14 @@ static WAL: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
 mod tests {
     use super::*;
     use rusqlite::{Connection, OpenFlags};
+    use std::cell::Cell;
     use std::path::Path;
+
+    thread_local! {
+        /// This thread's limit on gathered bytes, instead of [`MAX_GATHERED`] (SQLite calls
+        /// the VFS on the thread that steps the statement).
+        pub(super) static MAX_GATHERED: Cell<Option<usize>> = const { Cell::new(None) };
+    }
 
     /// A connection through this VFS, in WAL mode at `synchronous`, that never checkpoints
     /// by itself (so every commit stays in the WAL) and caches only `cache_pages` pages.
@@ -400,29 +415,30 @@ mod tests {
 
     /// Each commit is in the WAL file, whole, when it returns, and a reader (not using this
     /// VFS) sees it at once: at `synchronous=NORMAL`, where SQLite never syncs a commit, as
-    /// at `FULL`.
+    /// at `FULL`; and when the limit on gathered bytes is reached anywhere in a commit (three
+    /// frames and a header: right after some commit frame's header, in some commits).
     #[test]
     fn a_commit_is_in_the_file_and_visible_when_it_returns() {
-        for synchronous in ["FULL", "NORMAL"] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("t.db");
-            let db = writer(&path, synchronous, 2000);
-            let reader = Connection::open(&path).unwrap();
-            for batch in 0..40 {
-                insert(&db, batch * 25, 25, 100);
-                let seen: i64 = reader
-                    .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-                    .unwrap();
-                assert_eq!(
-                    seen,
-                    (batch + 1) * 25,
-                    "{synchronous}: a reader sees the commit"
-                );
-                assert_eq!(
-                    after_a_crash(&path),
-                    ((batch + 1) * 25, "ok".to_string()),
-                    "{synchronous}: commit {batch} survives a crash"
-                );
+        for limit in [None, Some(3 * 4120 + 24)] {
+            MAX_GATHERED.set(limit);
+            for synchronous in ["FULL", "NORMAL"] {
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("t.db");
+                let db = writer(&path, synchronous, 2000);
+                let reader = Connection::open(&path).unwrap();
+                for batch in 0..40 {
+                    insert(&db, batch * 25, 25, 100 + 40 * (batch as usize % 5));
+                    let seen: i64 = reader
+                        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                        .unwrap();
+                    let why = format!("{synchronous}, limit {limit:?}, commit {batch}");
+                    assert_eq!(seen, (batch + 1) * 25, "{why}: a reader sees it");
+                    assert_eq!(
+                        after_a_crash(&path),
+                        ((batch + 1) * 25, "ok".to_string()),
+                        "{why}: it survives a crash"
+                    );
+                }
             }
         }
     }
