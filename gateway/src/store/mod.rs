@@ -222,9 +222,10 @@ impl Store {
         }
         let checkpoint_pages = (wal_max_bytes / 2 / PAGE_BYTES).max(1);
         // The writer's commits go through the VFS that writes each commit's WAL frames at once.
-        let write_base = match wal_vfs::register() {
-            true => base.clone().vfs(wal_vfs::NAME),
-            false => base.clone(),
+        let write_base = if wal_vfs::register() {
+            base.clone().vfs(wal_vfs::NAME)
+        } else {
+            base.clone()
         };
         let write = SqlitePoolOptions::new()
             .max_connections(1)
