@@ -1,9 +1,16 @@
 //! Reconnect delays: exponential backoff with full jitter, so a fleet that lost its gateway
-//! does not come back in lockstep.
+//! does not come back in lockstep; after the gateway closed for a restart, a lower cap for a
+//! while, so the fleet is back within seconds of its return.
 
 use std::time::Duration;
 
 use rand::Rng;
+
+/// The cap of the attempts that follow a restart's close (1001, the gateway shutting down).
+pub const RESTART_CAP: Duration = Duration::from_secs(2);
+/// How many attempts keep [`RESTART_CAP`]: about half a minute of retrying (the mean delay is
+/// a second), after which a gateway that has not come back gets the usual growing delays.
+pub const RESTART_ATTEMPTS: u32 = 30;
 
 /// Delay before the next connection attempt: uniform in `[0, min(cap, base * 2^attempt))`.
 #[derive(Debug, Clone)]
@@ -11,6 +18,8 @@ pub struct Backoff {
     base: Duration,
     cap: Duration,
     attempt: u32,
+    /// Attempts left with the cap lowered to [`RESTART_CAP`].
+    restart_attempts: u32,
 }
 
 impl Backoff {
@@ -20,6 +29,7 @@ impl Backoff {
             base,
             cap,
             attempt: 0,
+            restart_attempts: 0,
         }
     }
 
@@ -31,19 +41,36 @@ impl Backoff {
     /// The upper bound of the next delay (before jitter).
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.cap)
+        let ceiling = self.base.saturating_mul(factor).min(self.cap);
+        if self.restart_attempts > 0 {
+            ceiling.min(RESTART_CAP)
+        } else {
+            ceiling
+        }
     }
 
     /// Draws the next delay and makes the one after it (up to the cap) twice as long.
     pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
+        self.restart_attempts = self.restart_attempts.saturating_sub(1);
         ceiling.mul_f64(rng.gen::<f64>())
     }
 
     /// Starts over after a connection that held.
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.restart_attempts = 0;
+    }
+
+    /// Starts over after the gateway closed the connection because it is shutting down
+    /// (1001): it is most likely restarting, so the next [`RESTART_ATTEMPTS`] delays are at
+    /// most [`RESTART_CAP`]. The usual cap (30 s for a device) keeps a fleet from hammering a
+    /// gateway that is down for longer; against a restart it would leave devices asleep for
+    /// up to that long after the gateway is back.
+    pub fn gateway_restarting(&mut self) {
+        self.attempt = 0;
+        self.restart_attempts = RESTART_ATTEMPTS;
     }
 }
 
@@ -95,5 +122,34 @@ mod tests {
         );
         backoff.reset();
         assert_eq!(backoff.ceiling(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn after_a_restart_close_delays_stay_short_for_a_while_then_grow_again() {
+        let mut backoff = Backoff::device();
+        let mut rng = rand::thread_rng();
+        for _ in 0..8 {
+            backoff.next_delay(&mut rng);
+        }
+        assert_eq!(backoff.ceiling(), Duration::from_secs(30));
+        backoff.gateway_restarting();
+        let mut ceilings = Vec::new();
+        for _ in 0..RESTART_ATTEMPTS + 3 {
+            ceilings.push(backoff.ceiling().as_millis());
+            let delay = backoff.next_delay(&mut rng);
+            assert!(delay < *ceilings.last().unwrap() as u32 * Duration::from_millis(1));
+        }
+        assert_eq!(ceilings[..4], [500, 1000, 2000, 2000]);
+        assert!(ceilings[3..RESTART_ATTEMPTS as usize]
+            .iter()
+            .all(|c| *c == 2000));
+        assert_eq!(ceilings[RESTART_ATTEMPTS as usize..], [30000, 30000, 30000]);
+        // A connection that held ends the restart policy too.
+        backoff.gateway_restarting();
+        backoff.reset();
+        for _ in 0..5 {
+            backoff.next_delay(&mut rng);
+        }
+        assert_eq!(backoff.ceiling(), Duration::from_secs(16));
     }
 }

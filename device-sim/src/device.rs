@@ -23,6 +23,8 @@ use crate::sensor::Sensor;
 use crate::stats::{ErrorTally, Latency};
 use crate::tokens::Secret;
 
+/// The close code of a gateway that is shutting down (and most likely restarting).
+const GATEWAY_SHUTTING_DOWN: u16 = 1001;
 /// A session that lasted this long was healthy: the next reconnect starts from a short delay.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// Before a simulated reboot, how long to wait for the gateway to ack (store) the result.
@@ -172,7 +174,12 @@ impl Device {
                         }
                         SessionEnd::Closed(code) => {
                             self.tally.record(&format!("closed: {code}"), &self.id);
-                            retry_delay(&mut backoff, started)
+                            if code == GATEWAY_SHUTTING_DOWN {
+                                backoff.gateway_restarting();
+                                backoff.next_delay(&mut rand::thread_rng())
+                            } else {
+                                retry_delay(&mut backoff, started)
+                            }
                         }
                         SessionEnd::Lost(why) => {
                             self.tally.record("connection lost", why);
