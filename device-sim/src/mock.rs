@@ -73,16 +73,22 @@ impl Seen {
 pub struct Mock {
     pub addr: SocketAddr,
     pub seen: Arc<Seen>,
+    accepting: tokio::task::AbortHandle,
 }
 
 impl Mock {
     /// Starts a mock on a free loopback port; with `tls`, connections are TLS.
     pub async fn start(script: Script, tls: Option<TlsAcceptor>) -> Mock {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Mock::start_at("127.0.0.1:0".parse().unwrap(), script, tls).await
+    }
+
+    /// Starts a mock listening on `addr` (a port another mock used before, say).
+    pub async fn start_at(addr: SocketAddr, script: Script, tls: Option<TlsAcceptor>) -> Mock {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let mock_seen = seen.clone();
-        tokio::spawn(async move {
+        let accepting = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (script, seen, tls) = (script.clone(), seen.clone(), tls.clone());
                 tokio::spawn(async move {
@@ -105,7 +111,14 @@ impl Mock {
         Mock {
             addr,
             seen: mock_seen,
+            accepting: accepting.abort_handle(),
         }
+    }
+
+    /// Closes the listener: connections are refused from now on, as by a gateway that has
+    /// exited (the sessions already open go on).
+    pub fn stop_listening(&self) {
+        self.accepting.abort();
     }
 
     /// The device URL of this mock.

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::tests::device;
 use super::*;
+use crate::backoff::RESTART_CAP;
 use crate::mock::{self, Mock, Script};
 
 /// Runs one device (readings every 20 ms, `profile`) against `script` for `run`.
@@ -270,4 +271,59 @@ async fn what_is_left_at_the_end_is_counted_as_unsent() {
     let unsent = counters.unsent.load(Relaxed);
     assert!((10..=16).contains(&unsent), "{unsent}");
     assert_eq!(counters.sent.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_fleet_closed_for_a_restart_is_back_within_seconds_of_the_gateway_return() {
+    const DEVICES: usize = 10;
+    const DOWN: Duration = Duration::from_secs(5);
+    // The gateway closes every session with 1001 (shutting down), then stops listening.
+    let old = Mock::start(
+        Script {
+            close_with: Some(1001),
+            ..Script::default()
+        },
+        None,
+    )
+    .await;
+    let mut fleet = Vec::new();
+    for _ in 0..DEVICES {
+        let (device, counters, tally, cancel) = device(&old, mock::token()).await;
+        fleet.push((tokio::spawn(device.run()), counters, tally, cancel));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old.seen.handshakes.load(SeqCst) < DEVICES {
+        assert!(Instant::now() < deadline, "the fleet did not connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    old.stop_listening();
+    // Down long enough for the usual backoff's ceiling to reach 8 s (0.5 + 1 + 2 + 4 s of
+    // refusals at most); the ceiling after a restart's close stays at 2 s.
+    tokio::time::sleep(DOWN).await;
+    let new = Mock::start_at(old.addr, Script::default(), None).await;
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(10);
+    while new.seen.handshakes.load(SeqCst) < DEVICES {
+        assert!(Instant::now() < deadline, "the fleet did not come back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = back.elapsed();
+    for (task, counters, tally, cancel) in fleet {
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(counters.reconnects.load(Relaxed) >= 2);
+        let tally = tally.snapshot();
+        assert!(
+            tally.get("closed: 1001").is_some_and(|n| *n >= 1),
+            "{tally:?}"
+        );
+        assert!(
+            tally.get("connect: tcp").is_some_and(|n| *n >= 2),
+            "{tally:?}"
+        );
+    }
+    assert!(
+        took < RESTART_CAP + Duration::from_millis(800),
+        "all {DEVICES} devices back {took:?} after the gateway's return"
+    );
 }
