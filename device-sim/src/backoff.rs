@@ -2,7 +2,7 @@
 //! does not come back in lockstep; after the gateway closed for a restart, a lower cap for a
 //! while, so the fleet is back within seconds of its return.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -11,6 +11,9 @@ pub const RESTART_CAP: Duration = Duration::from_secs(2);
 /// How many attempts keep [`RESTART_CAP`]: about half a minute of retrying (the mean delay is
 /// a second), after which a gateway that has not come back gets the usual growing delays.
 pub const RESTART_ATTEMPTS: u32 = 30;
+/// How long after arming the short delays a 1001 close may arm them again: a gateway that
+/// accepts and closes with 1001 over and over gets them once a minute, not for ever.
+pub const RESTART_REARM: Duration = Duration::from_secs(60);
 
 /// Delay before the next connection attempt: uniform in `[0, min(cap, base * 2^attempt))`.
 #[derive(Debug, Clone)]
@@ -20,6 +23,8 @@ pub struct Backoff {
     attempt: u32,
     /// Attempts left with the cap lowered to [`RESTART_CAP`].
     restart_attempts: u32,
+    /// When [`Backoff::gateway_restarting`] last armed them.
+    restart_armed_at: Option<Instant>,
 }
 
 impl Backoff {
@@ -30,6 +35,7 @@ impl Backoff {
             cap,
             attempt: 0,
             restart_attempts: 0,
+            restart_armed_at: None,
         }
     }
 
@@ -67,10 +73,19 @@ impl Backoff {
     /// (1001): it is most likely restarting, so the next [`RESTART_ATTEMPTS`] delays are at
     /// most [`RESTART_CAP`]. The usual cap (30 s for a device) keeps a fleet from hammering a
     /// gateway that is down for longer; against a restart it would leave devices asleep for
-    /// up to that long after the gateway is back.
-    pub fn gateway_restarting(&mut self) {
+    /// up to that long after the gateway is back. Armed at most once per [`RESTART_REARM`];
+    /// false (nothing changed) when it was armed more recently.
+    pub fn gateway_restarting(&mut self, now: Instant) -> bool {
+        if self
+            .restart_armed_at
+            .is_some_and(|at| now.saturating_duration_since(at) < RESTART_REARM)
+        {
+            return false;
+        }
+        self.restart_armed_at = Some(now);
         self.attempt = 0;
         self.restart_attempts = RESTART_ATTEMPTS;
+        true
     }
 }
 
@@ -132,24 +147,47 @@ mod tests {
             backoff.next_delay(&mut rng);
         }
         assert_eq!(backoff.ceiling(), Duration::from_secs(30));
-        backoff.gateway_restarting();
+        assert!(backoff.gateway_restarting(Instant::now()));
         let mut ceilings = Vec::new();
         for _ in 0..RESTART_ATTEMPTS + 3 {
-            ceilings.push(backoff.ceiling().as_millis());
-            let delay = backoff.next_delay(&mut rng);
-            assert!(delay < *ceilings.last().unwrap() as u32 * Duration::from_millis(1));
+            let ceiling = backoff.ceiling();
+            ceilings.push(ceiling.as_millis());
+            assert!(backoff.next_delay(&mut rng) < ceiling);
         }
         assert_eq!(ceilings[..4], [500, 1000, 2000, 2000]);
         assert!(ceilings[3..RESTART_ATTEMPTS as usize]
             .iter()
             .all(|c| *c == 2000));
         assert_eq!(ceilings[RESTART_ATTEMPTS as usize..], [30000, 30000, 30000]);
-        // A connection that held ends the restart policy too.
-        backoff.gateway_restarting();
+    }
+
+    #[test]
+    fn a_connection_that_held_ends_the_short_delays() {
+        let mut backoff = Backoff::device();
+        let mut rng = rand::thread_rng();
+        assert!(backoff.gateway_restarting(Instant::now()));
         backoff.reset();
         for _ in 0..5 {
             backoff.next_delay(&mut rng);
         }
         assert_eq!(backoff.ceiling(), Duration::from_secs(16));
+    }
+
+    #[test]
+    fn repeated_restart_closes_arm_the_short_delays_once_a_minute() {
+        let mut backoff = Backoff::device();
+        let mut rng = rand::thread_rng();
+        let start = Instant::now();
+        assert!(backoff.gateway_restarting(start));
+        for _ in 0..RESTART_ATTEMPTS {
+            backoff.next_delay(&mut rng);
+        }
+        assert_eq!(backoff.ceiling(), Duration::from_secs(30));
+        // A gateway that keeps accepting and closing with 1001 does not get them again...
+        assert!(!backoff.gateway_restarting(start + Duration::from_secs(59)));
+        assert_eq!(backoff.ceiling(), Duration::from_secs(30));
+        // ... until a minute has passed.
+        assert!(backoff.gateway_restarting(start + RESTART_REARM));
+        assert_eq!(backoff.ceiling(), Duration::from_millis(500));
     }
 }

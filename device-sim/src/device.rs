@@ -174,8 +174,9 @@ impl Device {
                         }
                         SessionEnd::Closed(code) => {
                             self.tally.record(&format!("closed: {code}"), &self.id);
-                            if code == GATEWAY_SHUTTING_DOWN {
-                                backoff.gateway_restarting();
+                            if code == GATEWAY_SHUTTING_DOWN
+                                && backoff.gateway_restarting(std::time::Instant::now())
+                            {
                                 backoff.next_delay(&mut rand::thread_rng())
                             } else {
                                 retry_delay(&mut backoff, started)
