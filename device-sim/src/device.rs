@@ -247,7 +247,7 @@ impl Device {
 
     async fn session(&self, mut ws: Ws, state: &mut State) -> SessionEnd {
         if let Err(e) = self.catch_up(&mut ws, state).await {
-            return SessionEnd::Lost(e);
+            return ended_by_send(&mut ws, e).await;
         }
         let mut chaos = (self.profile.chaos.disconnect_rate > 0.0)
             .then(|| ticker_for(Duration::from_secs(1), Duration::from_secs(1)));
@@ -260,8 +260,13 @@ impl Device {
                 }
                 _ = tick(&mut state.ticker) => {
                     self.take_reading(state);
-                    if let Err(e) = self.send_waiting(&mut ws, state).await {
-                        return SessionEnd::Lost(e);
+                    // After the gateway's close frame the connection takes no more messages
+                    // (a send would fail and end the session as lost rather than closed):
+                    // readings wait in the buffer for the next session.
+                    if close_code.is_none() {
+                        if let Err(e) = self.send_waiting(&mut ws, state).await {
+                            return ended_by_send(&mut ws, e).await;
+                        }
                     }
                 }
                 _ = tick(&mut chaos) => {
@@ -423,6 +428,28 @@ impl Device {
             }
         })
         .await;
+    }
+}
+
+/// How long a device whose send failed looks for a close frame it has not read yet.
+const UNREAD_CLOSE_WAIT: Duration = Duration::from_millis(100);
+
+/// A send failed (`error`): when the gateway's close frame had already arrived, unread, the
+/// session ended with that close, not with the failure. A gateway in a hurry closes and drops
+/// the connection without waiting for the device's reply, so a send after its close frame
+/// but before the device read it may find the connection gone.
+async fn ended_by_send(ws: &mut Ws, error: String) -> SessionEnd {
+    let unread_close = async {
+        while let Some(Ok(frame)) = ws.next().await {
+            if let Message::Close(frame) = frame {
+                return Some(conn::close_code_of(&frame).unwrap_or(1005));
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(UNREAD_CLOSE_WAIT, unread_close).await {
+        Ok(Some(code)) => SessionEnd::Closed(code),
+        _ => SessionEnd::Lost(error),
     }
 }
 

@@ -297,3 +297,34 @@ async fn reconnects_after_an_ordinary_close() {
     );
     assert!(counters.reconnects.load(Relaxed) >= 1);
 }
+
+#[tokio::test]
+async fn a_close_frame_ends_the_session_as_closed_even_with_readings_due() {
+    // Readings every millisecond: some fall between the gateway's close frame and the end of
+    // the connection, and must wait for the next session instead of failing a send.
+    let mock = Mock::start(
+        Script {
+            close_with: Some(1001),
+            ..Script::default()
+        },
+        None,
+    )
+    .await;
+    let mut fleet = Vec::new();
+    for _ in 0..10 {
+        let (mut device, _, tally, cancel) = device(&mock, mock::token()).await;
+        device.period = Some(Duration::from_millis(1));
+        fleet.push((tokio::spawn(device.run()), tally, cancel));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (task, tally, cancel) in fleet {
+        cancel.cancel();
+        task.await.unwrap();
+        let tally = tally.snapshot();
+        assert!(
+            tally.get("closed: 1001").is_some_and(|n| *n >= 2),
+            "{tally:?}"
+        );
+        assert_eq!(tally.get("connection lost"), None, "{tally:?}");
+    }
+}
