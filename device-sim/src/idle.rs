@@ -394,14 +394,7 @@ mod tests {
     #[tokio::test]
     async fn connections_the_gateway_closes_are_reported_as_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        let mock = Mock::start(
-            Script {
-                close_with: Some(1001),
-                ..Script::default()
-            },
-            None,
-        )
-        .await;
+        let mock = Mock::closing_with(1001).await;
         let common = mock::fleet(dir.path(), mock.url("ws"), 2);
         let args = IdleArgs {
             devices: 2,

@@ -82,6 +82,16 @@ impl Mock {
         Mock::start_at("127.0.0.1:0".parse().unwrap(), script, tls).await
     }
 
+    /// Starts a mock (plain TCP) that closes every session with `code` right after the
+    /// welcome.
+    pub async fn closing_with(code: u16) -> Mock {
+        let script = Script {
+            close_with: Some(code),
+            ..Script::default()
+        };
+        Mock::start(script, None).await
+    }
+
     /// Starts a mock listening on `addr` (a port another mock used before, say).
     pub async fn start_at(addr: SocketAddr, script: Script, tls: Option<TlsAcceptor>) -> Mock {
         let listener = TcpListener::bind(addr).await.unwrap();

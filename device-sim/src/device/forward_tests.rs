@@ -278,14 +278,7 @@ async fn a_fleet_closed_for_a_restart_is_back_within_seconds_of_the_gateway_retu
     const DEVICES: usize = 10;
     const DOWN: Duration = Duration::from_secs(5);
     // The gateway closes every session with 1001 (shutting down), then stops listening.
-    let old = Mock::start(
-        Script {
-            close_with: Some(1001),
-            ..Script::default()
-        },
-        None,
-    )
-    .await;
+    let old = Mock::closing_with(1001).await;
     let mut fleet = Vec::new();
     for _ in 0..DEVICES {
         let (device, counters, tally, cancel) = device(&old, mock::token()).await;

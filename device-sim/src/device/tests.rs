@@ -205,14 +205,7 @@ async fn set_interval_starts_and_changes_telemetry() {
 
 #[tokio::test]
 async fn stops_for_good_when_the_session_is_replaced() {
-    let mock = Mock::start(
-        Script {
-            close_with: Some(4001),
-            ..Script::default()
-        },
-        None,
-    )
-    .await;
+    let mock = Mock::closing_with(4001).await;
     let (device, _, tally, _cancel) = device(&mock, mock::token()).await;
     tokio::time::timeout(Duration::from_secs(3), device.run())
         .await
@@ -275,14 +268,7 @@ async fn a_refused_token_is_not_retried() {
 
 #[tokio::test]
 async fn reconnects_after_an_ordinary_close() {
-    let mock = Mock::start(
-        Script {
-            close_with: Some(1001),
-            ..Script::default()
-        },
-        None,
-    )
-    .await;
+    let mock = Mock::closing_with(1001).await;
     let (device, counters, _, cancel) = device(&mock, mock::token()).await;
     let task = tokio::spawn(device.run());
     // The first two delays are at most 0.5 s and 1 s.
@@ -302,14 +288,7 @@ async fn reconnects_after_an_ordinary_close() {
 async fn a_close_frame_ends_the_session_as_closed_even_with_readings_due() {
     // Readings every millisecond: some fall between the gateway's close frame and the end of
     // the connection, and must wait for the next session instead of failing a send.
-    let mock = Mock::start(
-        Script {
-            close_with: Some(1001),
-            ..Script::default()
-        },
-        None,
-    )
-    .await;
+    let mock = Mock::closing_with(1001).await;
     let mut fleet = Vec::new();
     for _ in 0..10 {
         let (mut device, _, tally, cancel) = device(&mock, mock::token()).await;
