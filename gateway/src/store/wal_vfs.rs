@@ -139,7 +139,7 @@ unsafe extern "C" fn open(
 /// [`MAX_GATHERED`], or a test's own limit.
 fn max_gathered() -> usize {
     #[cfg(test)]
-    if let Some(max) = tests::MAX_GATHERED.get() {
+    if let Some(max) = tests::TEST_MAX_GATHERED.get() {
         return max;
     }
     MAX_GATHERED
@@ -360,7 +360,7 @@ mod tests {
     thread_local! {
         /// This thread's limit on gathered bytes, instead of [`MAX_GATHERED`] (SQLite calls
         /// the VFS on the thread that steps the statement).
-        pub(super) static MAX_GATHERED: Cell<Option<usize>> = const { Cell::new(None) };
+        pub(super) static TEST_MAX_GATHERED: Cell<Option<usize>> = const { Cell::new(None) };
     }
 
     /// A connection through this VFS, in WAL mode at `synchronous`, that never checkpoints
@@ -419,8 +419,10 @@ mod tests {
     /// frames and a header: right after some commit frame's header, in some commits).
     #[test]
     fn a_commit_is_in_the_file_and_visible_when_it_returns() {
-        for limit in [None, Some(3 * 4120 + 24)] {
-            MAX_GATHERED.set(limit);
+        // A frame is a 4096-byte page (SQLite's default) after its header.
+        let frame = 4096 + FRAME_HEADER as usize;
+        for limit in [None, Some(3 * frame + FRAME_HEADER as usize)] {
+            TEST_MAX_GATHERED.set(limit);
             for synchronous in ["FULL", "NORMAL"] {
                 let dir = tempfile::tempdir().unwrap();
                 let path = dir.path().join("t.db");
