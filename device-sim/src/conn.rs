@@ -56,7 +56,8 @@ pub struct Target {
 /// TLS to the gateway: whom to trust, the name to check, and, for mutual TLS, where each
 /// device's client certificate is.
 struct Tls {
-    roots: Arc<rustls::RootCertStore>,
+    /// The CA, and the verdict on the gateway's chain all the process's devices share.
+    verifier: Arc<tls::ChainVerifiedOnce>,
     /// The connector of devices without a client certificate.
     plain: TlsConnector,
     name: ServerName<'static>,
@@ -69,7 +70,7 @@ impl Tls {
         match &self.client_certs {
             None => Ok(self.plain.clone()),
             Some(dir) => tls::Identity::load(dir, id)
-                .and_then(|identity| tls::connector_for(self.roots.clone(), Some(identity)))
+                .and_then(|identity| tls::connector_for(self.verifier.clone(), Some(identity)))
                 .map_err(|e| ConnectError::ClientCert(format!("{e:#}"))),
         }
     }
@@ -160,10 +161,10 @@ impl Target {
                 // rustls checks IP addresses against the certificate's IP SANs, names against DNS SANs.
                 let name = ServerName::try_from(host.to_owned())
                     .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
-                let roots = Arc::new(tls::roots(ca)?);
+                let verifier = tls::ChainVerifiedOnce::new(Arc::new(tls::roots(ca)?))?;
                 Some(Tls {
-                    plain: tls::connector_for(roots.clone(), None)?,
-                    roots,
+                    plain: tls::connector_for(verifier.clone(), None)?,
+                    verifier,
                     name,
                     client_certs: None,
                 })

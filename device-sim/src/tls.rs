@@ -54,28 +54,27 @@ impl Identity {
     }
 }
 
-/// A connector trusting `roots`, presenting `identity` when the server asks for one.
+/// A connector for devices that trust `verifier`, presenting `identity` when the server asks
+/// for one.
 pub fn connector_for(
-    roots: Arc<RootCertStore>,
+    verifier: Arc<ChainVerifiedOnce>,
     identity: Option<Identity>,
 ) -> Result<TlsConnector> {
     Ok(TlsConnector::from(Arc::new(client_config(
-        roots, identity,
+        verifier, identity,
     )?)))
 }
 
-/// The client configuration of [`connector_for`] (also what the MQTT client is given).
+/// The client configuration of [`connector_for`].
 pub fn client_config(
-    roots: Arc<RootCertStore>,
+    verifier: Arc<ChainVerifiedOnce>,
     identity: Option<Identity>,
 ) -> Result<ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = ChainVerifiedOnce::new(roots, provider.clone())?;
-    let builder = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
+        .with_custom_certificate_verifier(verifier);
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some(Identity { chain, key }) => builder
@@ -83,50 +82,67 @@ pub fn client_config(
             .context("unusable client certificate or key")?,
     };
     // Every simulated device is a separate machine: each pays for a full handshake (key
-    // exchange, the gateway's signature), as a real fleet would, instead of resuming a
-    // session another device started. Only the chain's verdict is shared ([`ChainVerifiedOnce`]).
+    // exchange, the gateway's signature over it), as a real fleet would, instead of resuming
+    // a session another device started. Only the verdict on the chain is shared.
     config.resumption = Resumption::disabled();
     Ok(config)
 }
 
-/// How long a chain, once verified, is taken as verified (at most: never past a certificate's
-/// expiry).
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// How long a verdict on a chain is reused: at most this long after the verification, and
+/// never outside the validity of a certificate of the chain.
 const CHAIN_VERDICT_LIFETIME: Duration = Duration::from_secs(60);
 
-/// rustls' WebPKI verification of the gateway's certificate, with the chain checked once a
-/// minute rather than on every handshake of the devices sharing a configuration.
+/// rustls' WebPKI verification of the gateway's certificate, with the chain verified at most
+/// once a minute for all the devices of a process, rather than on every handshake.
 ///
-/// A simulator process stands for thousands of devices that all receive the same chain; its
-/// CPU shares the machine with the gateway under test, and verifying the chain's signature on
-/// every handshake was a sixth of it while a fleet connected. Each handshake still verifies
-/// the gateway's signature over that handshake with the key of the certificate checked here,
-/// so a server without the certificate's private key is still refused; a chain that differs
-/// in any byte, or another server name, is verified in full; and a verdict is not reused past
-/// the time any certificate of the chain expires.
+/// A simulator process stands for thousands of devices that all receive the same chain, and
+/// its CPU shares the machine with the gateway under test: verifying the chain (the
+/// signatures along it, the path to the CA, the name) on every handshake took a sixth of
+/// the load generator's CPU while a fleet connected. Each handshake still verifies the
+/// gateway's signature over that handshake with the key of the certificate checked here, so
+/// a server without the certificate's private key is still refused. Only the last chain
+/// verified is remembered: another chain (differing in any byte) or another server name is
+/// verified in full.
 #[derive(Debug)]
-struct ChainVerifiedOnce {
+pub struct ChainVerifiedOnce {
     webpki: Arc<WebPkiServerVerifier>,
     verified: Mutex<Option<Verdict>>,
 }
 
-/// The chain last verified, for whom, and the seconds (Unix time) the verdict holds for.
-#[derive(Debug)]
+/// The chain last verified, for whom, and the seconds (Unix time, `from..until`) in which its
+/// verdict is reused.
 struct Verdict {
-    chain: Vec<CertificateDer<'static>>,
+    end_entity: CertificateDer<'static>,
+    intermediates: Vec<CertificateDer<'static>>,
     name: ServerName<'static>,
     from: u64,
     until: u64,
 }
 
+impl std::fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verdict")
+            .field("name", &self.name)
+            .field("from", &self.from)
+            .field("until", &self.until)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ChainVerifiedOnce {
-    fn new(roots: Arc<RootCertStore>, provider: Arc<CryptoProvider>) -> Result<ChainVerifiedOnce> {
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+    /// Trusts exactly the CA certificates in `roots`.
+    pub fn new(roots: Arc<RootCertStore>) -> Result<Arc<ChainVerifiedOnce>> {
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
             .context("TLS certificate verifier")?;
-        Ok(ChainVerifiedOnce {
+        Ok(Arc::new(ChainVerifiedOnce {
             webpki,
             verified: Mutex::new(None),
-        })
+        }))
     }
 
     fn is_verified(
@@ -136,27 +152,27 @@ impl ChainVerifiedOnce {
         name: &ServerName<'_>,
         now: UnixTime,
     ) -> bool {
+        // Held only to compare, or to replace the whole verdict: a panic cannot leave it half
+        // written.
         let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         verified.as_ref().is_some_and(|v| {
             (v.from..v.until).contains(&now.as_secs())
                 && v.name == *name
-                && v.chain.len() == intermediates.len() + 1
-                && v.chain[0] == *end_entity
-                && v.chain[1..] == *intermediates
+                && v.end_entity == *end_entity
+                && v.intermediates == intermediates
         })
     }
 }
 
-/// The seconds (Unix time) within which every certificate of `chain` is valid; `None` if one
-/// cannot be parsed (its verdict is then not kept).
-fn validity(chain: &[CertificateDer<'_>]) -> Option<(u64, u64)> {
-    chain.iter().try_fold((0, u64::MAX), |(from, until), cert| {
+/// The first second (Unix time) at which a certificate of `chain` has expired; `None` if one
+/// cannot be parsed (its verdict is then not kept). Each was valid when it was verified, so
+/// the `notBefore` times are behind.
+fn expiry(chain: &[&CertificateDer<'_>]) -> Option<u64> {
+    chain.iter().try_fold(u64::MAX, |until, cert| {
         let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-        let validity = parsed.validity();
-        let not_before = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
         // Valid through its `notAfter` second, as WebPKI reads it.
-        let not_after = u64::try_from(validity.not_after.timestamp()).ok()?;
-        Some((from.max(not_before), until.min(not_after.saturating_add(1))))
+        let not_after = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+        Some(until.min(not_after.saturating_add(1)))
     })
 }
 
@@ -175,17 +191,19 @@ impl ServerCertVerifier for ChainVerifiedOnce {
         let verified =
             self.webpki
                 .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)?;
-        let chain: Vec<_> = std::iter::once(end_entity)
-            .chain(intermediates)
-            .map(|cert| cert.clone().into_owned())
-            .collect();
-        if let Some((from, until)) = validity(&chain) {
-            let until = until.min(now.as_secs() + CHAIN_VERDICT_LIFETIME.as_secs());
+        let chain: Vec<_> = std::iter::once(end_entity).chain(intermediates).collect();
+        if let Some(expiry) = expiry(&chain) {
+            let now = now.as_secs();
             *self.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some(Verdict {
-                chain,
+                end_entity: end_entity.clone().into_owned(),
+                intermediates: intermediates
+                    .iter()
+                    .map(|c| c.clone().into_owned())
+                    .collect(),
                 name: name.to_owned(),
-                from,
-                until,
+                // Not before now: a clock set back does not stretch the minute.
+                from: now,
+                until: expiry.min(now.saturating_add(CHAIN_VERDICT_LIFETIME.as_secs())),
             });
         }
         Ok(verified)
@@ -212,6 +230,14 @@ impl ServerCertVerifier for ChainVerifiedOnce {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
     }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.webpki.requires_raw_public_keys()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.webpki.root_hint_subjects()
+    }
 }
 
 #[cfg(test)]
@@ -235,17 +261,14 @@ mod tests {
     };
     use rustls::server::{ClientHello, ResolvesServerCert};
     use rustls::sign::CertifiedKey;
+    use rustls::{CertificateError, SupportedProtocolVersion};
     use rustls_pki_types::PrivatePkcs8KeyDer;
 
-    /// 2030-01-01T00:00:00Z, when the short-lived test certificates expire.
+    /// 2030-01-01T00:00:00Z, when the test certificates given an expiry expire.
     const EXPIRY: u64 = 1_893_456_000;
 
     fn at(secs: u64) -> UnixTime {
         UnixTime::since_unix_epoch(Duration::from_secs(secs))
-    }
-
-    fn ring() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
     }
 
     /// A CA and the roots trusting it.
@@ -258,16 +281,17 @@ mod tests {
         (ca, Arc::new(roots))
     }
 
-    /// A certificate for `localhost` signed by `ca`, valid until `expires` (if given).
+    /// A certificate for `localhost` signed by `ca`, valid from 2020 to [`EXPIRY`] if
+    /// `expires`.
     fn leaf(
         ca: &CertifiedIssuer<'static, KeyPair>,
-        expires: Option<(i32, u8, u8)>,
+        expires: bool,
     ) -> (CertificateDer<'static>, KeyPair) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        if let Some((y, m, d)) = expires {
+        if expires {
             params.not_before = date_time_ymd(2020, 1, 1);
-            params.not_after = date_time_ymd(y, m, d);
+            params.not_after = date_time_ymd(2030, 1, 1);
         }
         let cert = params.signed_by(&key, ca).unwrap();
         (cert.der().clone(), key)
@@ -278,10 +302,10 @@ mod tests {
     }
 
     #[test]
-    fn a_verdict_is_reused_only_for_the_same_chain_and_name() {
+    fn a_verdict_is_reused_only_for_the_same_chain_and_name_within_a_minute() {
         let (ca, roots) = new_ca();
-        let (good, _) = leaf(&ca, None);
-        let verifier = ChainVerifiedOnce::new(roots, ring()).unwrap();
+        let (good, _) = leaf(&ca, false);
+        let verifier = ChainVerifiedOnce::new(roots).unwrap();
         let now = UnixTime::now();
         assert!(!verifier.is_verified(&good, &[], &localhost(), now));
         verifier
@@ -290,7 +314,7 @@ mod tests {
         assert!(verifier.is_verified(&good, &[], &localhost(), now));
 
         // Another CA's certificate for the same name: verified in full, and refused.
-        let (stranger, _) = leaf(&new_ca().0, None);
+        let (stranger, _) = leaf(&new_ca().0, false);
         assert!(!verifier.is_verified(&stranger, &[], &localhost(), now));
         verifier
             .verify_server_cert(&stranger, &[], &localhost(), &[], now)
@@ -303,29 +327,35 @@ mod tests {
             .unwrap_err();
         // With an extra certificate sent along: not the chain verified.
         assert!(!verifier.is_verified(&good, &[ca.der().clone()], &localhost(), now));
-        // A refusal leaves the last verdict as it was, for a minute.
-        assert!(verifier.is_verified(&good, &[], &localhost(), now));
-        let later = at(now.as_secs() + CHAIN_VERDICT_LIFETIME.as_secs());
-        assert!(!verifier.is_verified(&good, &[], &localhost(), later));
+        // A refusal leaves the last verdict as it was, for its minute; a clock set back does
+        // not find it either.
+        let secs = now.as_secs();
+        assert!(verifier.is_verified(&good, &[], &localhost(), at(secs + 59)));
+        assert!(!verifier.is_verified(&good, &[], &localhost(), at(secs + 60)));
+        assert!(!verifier.is_verified(&good, &[], &localhost(), at(secs - 1)));
     }
 
     #[test]
     fn a_verdict_is_not_reused_past_the_certificates_expiry() {
         let (ca, roots) = new_ca();
-        let (cert, _) = leaf(&ca, Some((2030, 1, 1)));
-        let verifier = ChainVerifiedOnce::new(roots, ring()).unwrap();
+        let (cert, _) = leaf(&ca, true);
+        let verifier = ChainVerifiedOnce::new(roots).unwrap();
         verifier
             .verify_server_cert(&cert, &[], &localhost(), &[], at(EXPIRY - 30))
             .unwrap();
-        // Within the minute, but the certificate has expired: verified again, and refused.
+        // Valid through its `notAfter` second, as WebPKI has it; expired one second later,
+        // well within the minute.
+        assert!(verifier.is_verified(&cert, &[], &localhost(), at(EXPIRY)));
+        assert!(!verifier.is_verified(&cert, &[], &localhost(), at(EXPIRY + 1)));
         let error = verifier
-            .verify_server_cert(&cert, &[], &localhost(), &[], at(EXPIRY + 10))
+            .verify_server_cert(&cert, &[], &localhost(), &[], at(EXPIRY + 1))
             .unwrap_err();
         assert!(
             matches!(
                 error,
-                rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext { .. })
-                    | rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)
+                rustls::Error::InvalidCertificate(
+                    CertificateError::ExpiredContext { .. } | CertificateError::Expired
+                )
             ),
             "{error:?}"
         );
@@ -341,32 +371,34 @@ mod tests {
         }
     }
 
-    fn server(cert: &CertificateDer<'static>, key: &KeyPair) -> Arc<rustls::ServerConfig> {
+    fn server(
+        version: &'static SupportedProtocolVersion,
+        cert: &CertificateDer<'static>,
+        key: &KeyPair,
+    ) -> Arc<rustls::ServerConfig> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let key = ring().key_provider.load_private_key(key).unwrap();
+        let key = provider().key_provider.load_private_key(key).unwrap();
         let certified = CertifiedKey::new(vec![cert.clone()], key);
-        let config = rustls::ServerConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
             .unwrap()
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
         Arc::new(config)
     }
 
-    /// An in-memory handshake; the client's error if it fails.
+    /// An in-memory handshake to its end; the first error, the client's or the server's.
     fn handshake(
         client: &Arc<ClientConfig>,
         server: Arc<rustls::ServerConfig>,
     ) -> Result<(), rustls::Error> {
         let mut c = rustls::ClientConnection::new(client.clone(), localhost())?;
-        let mut s = rustls::ServerConnection::new(server).unwrap();
-        while c.is_handshaking() {
+        let mut s = rustls::ServerConnection::new(server)?;
+        while c.is_handshaking() || s.is_handshaking() {
             let mut wire = Vec::new();
             c.write_tls(&mut wire).unwrap();
             s.read_tls(&mut wire.as_slice()).unwrap();
-            if s.process_new_packets().is_err() {
-                break;
-            }
+            s.process_new_packets()?;
             wire.clear();
             s.write_tls(&mut wire).unwrap();
             c.read_tls(&mut wire.as_slice()).unwrap();
@@ -377,22 +409,25 @@ mod tests {
 
     #[test]
     fn a_server_without_the_certificates_key_is_refused_after_its_chain_was_verified() {
-        let (ca, roots) = new_ca();
-        let (cert, key) = leaf(&ca, None);
-        let client = Arc::new(client_config(roots, None).unwrap());
-        handshake(&client, server(&cert, &key)).unwrap();
-        handshake(&client, server(&cert, &key)).unwrap();
+        for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+            let (ca, roots) = new_ca();
+            let (cert, key) = leaf(&ca, false);
+            let verifier = ChainVerifiedOnce::new(roots).unwrap();
+            let client = Arc::new(client_config(verifier.clone(), None).unwrap());
+            handshake(&client, server(version, &cert, &key)).unwrap();
+            assert!(verifier.is_verified(&cert, &[], &localhost(), UnixTime::now()));
 
-        // The same certificate, but signing with another key.
-        let impostor = server(&cert, &KeyPair::generate().unwrap());
-        let error = handshake(&client, impostor).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature)
-            ),
-            "{error:?}"
-        );
-        handshake(&client, server(&cert, &key)).unwrap();
+            // The same certificate, but signing with another key.
+            let impostor = server(version, &cert, &KeyPair::generate().unwrap());
+            let error = handshake(&client, impostor).unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    rustls::Error::InvalidCertificate(CertificateError::BadSignature)
+                ),
+                "{version:?}: {error:?}"
+            );
+            handshake(&client, server(version, &cert, &key)).unwrap();
+        }
     }
 }
