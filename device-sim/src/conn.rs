@@ -421,11 +421,13 @@ fn upgrade_request(
 }
 
 /// Buffers sized for small messages and thousands of connections per process,
-/// not tungstenite's 128 KiB buffers and 64 MiB messages.
+/// not tungstenite's 128 KiB buffers and 64 MiB messages. Frames fed without a flush wait
+/// for it (up to 4 KiB), so that what a device sends together (a command's ack and result)
+/// goes out in one TLS record and one write, as a device's TCP stack would coalesce it.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(4 * 1024)
         .max_write_buffer_size(1 << 20)
         .max_message_size(Some(1 << 20))
         .max_frame_size(Some(1 << 20))
