@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::{cursor, devices::find, parse_limit, ApiError, ApiState, JsonBody};
 use crate::commands::{command_json, CommandRequest};
-use crate::store::commands::{Cancel, CommandRow, ListQuery, Queued, Status};
+use crate::store::commands::{Cancel, ListQuery, Queued, Status};
 
 /// Longest `ttl_s`: 30 days.
 const MAX_TTL_S: i64 = 30 * 24 * 3600;
@@ -119,7 +119,11 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let device = find(&state, &id).await?;
     let (request, wait) = body.validate()?;
-    let (row, fresh) = match state.commands.queue(device.pk, &device.id, request).await? {
+    let (queued, waited_out) = state
+        .commands
+        .queue_and_wait(device.pk, &device.id, request, wait)
+        .await?;
+    let (row, fresh) = match queued {
         Queued::New(row) => (row, true),
         Queued::Existing(row) => (row, false),
         Queued::QueueFull => {
@@ -128,31 +132,12 @@ pub async fn create(
             ))
         }
     };
-    let (row, waited_out) = settle(&state, row, wait).await?;
     let status = match (fresh, waited_out) {
         (false, _) => StatusCode::OK,
         (true, false) => StatusCode::CREATED,
         (true, true) => StatusCode::ACCEPTED,
     };
     Ok((status, Json(command_json(&row))))
-}
-
-/// Waits up to `wait` for a final status; true in the second place when the wait ran out.
-async fn settle(
-    state: &ApiState,
-    row: CommandRow,
-    wait: Duration,
-) -> Result<(CommandRow, bool), ApiError> {
-    if wait.is_zero() || row.status.is_final() {
-        return Ok((row, false));
-    }
-    if let Some(done) = state.commands.wait_final(&row.id, wait).await? {
-        return Ok((done, false));
-    }
-    // Its status so far (it may have been sent or delivered meanwhile).
-    let now = state.store.get_command(&row.id).await?.unwrap_or(row);
-    let out = !now.status.is_final();
-    Ok((now, out))
 }
 
 /// `GET /v1/devices/{id}/commands?status=&limit=&cursor=&order=`: newest first by default.

@@ -110,9 +110,65 @@ impl Commands {
         device_id: &str,
         request: CommandRequest,
     ) -> Result<Queued, StoreError> {
+        self.queue_as(new_id(), device_pk, device_id, request).await
+    }
+
+    /// Queues a command as [`queue`](Self::queue) does and waits up to `wait` for it (or
+    /// the one found by its idempotency key) to be final: true in the second place when the
+    /// wait ran out first, with the status so far.
+    ///
+    /// A new command's waiter is registered under its id before the command is committed:
+    /// every transition after the commit reaches it, so none needs reading back.
+    pub async fn queue_and_wait(
+        &self,
+        device_pk: i64,
+        device_id: &str,
+        request: CommandRequest,
+        wait: Duration,
+    ) -> Result<(Queued, bool), StoreError> {
+        let id = new_id();
+        let mut waiter = (!wait.is_zero()).then(|| self.register(&id));
+        let queued = self.queue_as(id, device_pk, device_id, request).await?;
+        let (fresh, row) = match queued {
+            Queued::New(row) => (true, row),
+            Queued::Existing(row) => (false, row),
+            Queued::QueueFull => return Ok((queued, false)),
+        };
+        let (row, waited_out) = if wait.is_zero() || row.status.is_final() {
+            (row, false)
+        } else {
+            let done = match (fresh, &mut waiter) {
+                (true, Some(waiter)) => self.wait_on(waiter, wait).await,
+                // Found by its key: registered only now, so its status is read after.
+                _ => self.wait_final(&row.id, wait).await?,
+            };
+            match done {
+                Some(done) => (done, false),
+                None => {
+                    // Its status so far (it may have been sent or delivered meanwhile).
+                    let now = self.store.get_command(&row.id).await?.unwrap_or(row);
+                    let out = !now.status.is_final();
+                    (now, out)
+                }
+            }
+        };
+        let queued = match fresh {
+            true => Queued::New(row),
+            false => Queued::Existing(row),
+        };
+        Ok((queued, waited_out))
+    }
+
+    async fn queue_as(
+        &self,
+        id: String,
+        device_pk: i64,
+        device_id: &str,
+        request: CommandRequest,
+    ) -> Result<Queued, StoreError> {
         let now = now_ms();
         let new = NewCommand {
-            id: format!("c-{}", uuid::Uuid::now_v7().simple()),
+            id,
             device_pk,
             device_id: device_id.to_owned(),
             name: request.name,
@@ -161,32 +217,39 @@ impl Commands {
         id: &str,
         wait: Duration,
     ) -> Result<Option<CommandRow>, StoreError> {
-        let (tx, rx) = oneshot::channel();
         // Register before reading, so a transition between the two is not missed.
+        let mut waiter = self.register(id);
+        match self.store.get_command(id).await? {
+            Some(row) if row.status.is_final() => Ok(Some(row)),
+            Some(_) => Ok(self.wait_on(&mut waiter, wait).await),
+            None => Ok(None),
+        }
+    }
+
+    /// Registers a waiter for command `id`'s final status (the command need not exist yet).
+    fn register(&self, id: &str) -> Waiter<'_> {
+        let (tx, rx) = oneshot::channel();
         self.waiters
             .lock()
             .expect("waiters lock")
             .entry(id.to_owned())
             .or_default()
             .push(tx);
-        // `rx` ends with this block, so the clean-up below sees this waiter closed.
-        let outcome = match (rx, self.store.get_command(id).await) {
-            (_, Ok(Some(row))) if row.status.is_final() => Ok(Some(row)),
-            (rx, Ok(Some(_))) => Ok(tokio::select! {
-                // A shutdown answers with the status so far rather than hold the API open.
-                _ = self.shutdown.cancelled() => None,
-                done = tokio::time::timeout(wait, rx) => done.ok().and_then(Result::ok),
-            }),
-            (_, other) => other.map(|_| None),
-        };
-        let mut waiters = self.waiters.lock().expect("waiters lock");
-        if let Some(list) = waiters.get_mut(id) {
-            list.retain(|w| !w.is_closed());
-            if list.is_empty() {
-                waiters.remove(id);
-            }
+        Waiter {
+            commands: self,
+            id: id.to_owned(),
+            rx: Some(rx),
         }
-        outcome
+    }
+
+    /// The final status `waiter` receives within `wait`; `None` if none does by then, or at
+    /// shutdown (which answers with the status so far rather than hold the API open).
+    async fn wait_on(&self, waiter: &mut Waiter<'_>, wait: Duration) -> Option<CommandRow> {
+        let rx = waiter.rx.as_mut()?;
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            done = tokio::time::timeout(wait, rx) => done.ok().and_then(Result::ok),
+        }
     }
 
     /// Cancels a command that is not final.
@@ -367,6 +430,33 @@ impl Commands {
     }
 }
 
+/// A new command's id: time-ordered, so ids sort by creation.
+fn new_id() -> String {
+    format!("c-{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A registration for one command's final status; it leaves the waiters when dropped,
+/// whether or not it was answered.
+struct Waiter<'a> {
+    commands: &'a Commands,
+    id: String,
+    rx: Option<oneshot::Receiver<CommandRow>>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        // Closed first, so that the clean-up below sees this waiter gone.
+        drop(self.rx.take());
+        let mut waiters = self.commands.waiters.lock().expect("waiters lock");
+        if let Some(list) = waiters.get_mut(&self.id) {
+            list.retain(|w| !w.is_closed());
+            if list.is_empty() {
+                waiters.remove(&self.id);
+            }
+        }
+    }
+}
+
 /// The `command` message a device receives.
 pub fn wire_text(row: &CommandRow) -> String {
     let empty = RawValue::from_string("{}".into()).expect("valid JSON");
@@ -466,5 +556,89 @@ mod tests {
             Cancel::Canceled(_)
         ));
         assert!(!waiting().await, "a final command is not waiting");
+    }
+
+    /// The ids of the commands someone waits for.
+    fn waited_for(commands: &Commands) -> Vec<String> {
+        commands.waiters.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// `wait_s` on a new command: its waiter is there before the command is, gets its end,
+    /// and leaves no trace; a wait that runs out answers the status so far, and so does a
+    /// wait on the command an idempotency key finds.
+    #[tokio::test]
+    async fn waiting_for_a_command_catches_its_end_and_leaves_no_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _writer) = crate::api::test_state(dir.path()).await;
+        let (store, commands) = (state.store.clone(), state.commands.clone());
+        let device = store
+            .create_device("d1", None, "{}", b"hash-of-d1", 1)
+            .await
+            .unwrap();
+        let long = Duration::from_secs(10);
+
+        let waiting = tokio::spawn({
+            let commands = commands.clone();
+            async move {
+                commands
+                    .queue_and_wait(device.pk, "d1", request("k1"), long)
+                    .await
+            }
+        });
+        // Registered under the new id, which the command then gets.
+        let id = loop {
+            if let [id] = waited_for(&commands).as_slice() {
+                break id.clone();
+            }
+            tokio::task::yield_now().await;
+        };
+        while store.get_command(&id).await.unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(matches!(
+            commands.cancel(&id).await.unwrap(),
+            Cancel::Canceled(_)
+        ));
+        let (queued, waited_out) = waiting.await.unwrap().unwrap();
+        let Queued::New(row) = queued else {
+            panic!("a new command")
+        };
+        assert_eq!((row.id.as_str(), row.status), (id.as_str(), Status::Canceled));
+        assert!(!waited_out);
+        assert!(waited_for(&commands).is_empty());
+
+        // Nobody answers: the wait runs out, with the status so far.
+        let short = Duration::from_millis(50);
+        let (queued, waited_out) = commands
+            .queue_and_wait(device.pk, "d1", request("k2"), short)
+            .await
+            .unwrap();
+        let Queued::New(pending) = queued else {
+            panic!("a new command")
+        };
+        assert_eq!(pending.status, Status::Queued);
+        assert!(waited_out);
+        assert!(waited_for(&commands).is_empty());
+
+        // The same key finds that command, and waits for it under its own id.
+        let again = tokio::spawn({
+            let commands = commands.clone();
+            async move {
+                commands
+                    .queue_and_wait(device.pk, "d1", request("k2"), long)
+                    .await
+            }
+        });
+        while !waited_for(&commands).contains(&pending.id) {
+            tokio::task::yield_now().await;
+        }
+        commands.cancel(&pending.id).await.unwrap();
+        let (queued, waited_out) = again.await.unwrap().unwrap();
+        let Queued::Existing(row) = queued else {
+            panic!("the command its key found")
+        };
+        assert_eq!((row.id, row.status), (pending.id, Status::Canceled));
+        assert!(!waited_out);
+        assert!(waited_for(&commands).is_empty());
     }
 }
