@@ -563,6 +563,21 @@ mod tests {
         commands.waiters.lock().unwrap().keys().cloned().collect()
     }
 
+    /// `queue_and_wait` for device `d1` with key `key`, for up to 10 s, in a task.
+    fn spawn_waiting(
+        commands: &Arc<Commands>,
+        device_pk: i64,
+        key: &'static str,
+    ) -> tokio::task::JoinHandle<Result<(Queued, bool), StoreError>> {
+        let commands = commands.clone();
+        tokio::spawn(async move {
+            let wait = Duration::from_secs(10);
+            commands
+                .queue_and_wait(device_pk, "d1", request(key), wait)
+                .await
+        })
+    }
+
     /// `wait_s` on a new command: its waiter is there before the command is, gets its end,
     /// and leaves no trace; a wait that runs out answers the status so far, and so does a
     /// wait on the command an idempotency key finds.
@@ -575,16 +590,7 @@ mod tests {
             .create_device("d1", None, "{}", b"hash-of-d1", 1)
             .await
             .unwrap();
-        let long = Duration::from_secs(10);
-
-        let waiting = tokio::spawn({
-            let commands = commands.clone();
-            async move {
-                commands
-                    .queue_and_wait(device.pk, "d1", request("k1"), long)
-                    .await
-            }
-        });
+        let waiting = spawn_waiting(&commands, device.pk, "k1");
         // Registered under the new id, which the command then gets.
         let id = loop {
             if let [id] = waited_for(&commands).as_slice() {
@@ -603,7 +609,10 @@ mod tests {
         let Queued::New(row) = queued else {
             panic!("a new command")
         };
-        assert_eq!((row.id.as_str(), row.status), (id.as_str(), Status::Canceled));
+        assert_eq!(
+            (row.id.as_str(), row.status),
+            (id.as_str(), Status::Canceled)
+        );
         assert!(!waited_out);
         assert!(waited_for(&commands).is_empty());
 
@@ -621,14 +630,7 @@ mod tests {
         assert!(waited_for(&commands).is_empty());
 
         // The same key finds that command, and waits for it under its own id.
-        let again = tokio::spawn({
-            let commands = commands.clone();
-            async move {
-                commands
-                    .queue_and_wait(device.pk, "d1", request("k2"), long)
-                    .await
-            }
-        });
+        let again = spawn_waiting(&commands, device.pk, "k2");
         while !waited_for(&commands).contains(&pending.id) {
             tokio::task::yield_now().await;
         }
