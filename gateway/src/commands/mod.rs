@@ -212,11 +212,7 @@ impl Commands {
     }
 
     /// Waits up to `wait` for the command to be final; `None` if it is not by then.
-    pub async fn wait_final(
-        &self,
-        id: &str,
-        wait: Duration,
-    ) -> Result<Option<CommandRow>, StoreError> {
+    async fn wait_final(&self, id: &str, wait: Duration) -> Result<Option<CommandRow>, StoreError> {
         // Register before reading, so a transition between the two is not missed.
         let mut waiter = self.register(id);
         match self.store.get_command(id).await? {
