@@ -807,6 +807,14 @@ async fn invalid_create_requests_are_refused_and_store_nothing() {
         .post("/devices/nobody/commands", &json!({"name": "x"}))
         .await;
     assert_api_error(&resp, 404, "not_found");
+    // An unknown device is what a request for it hears first, whatever its body.
+    let resp = api
+        .post(
+            "/devices/nobody/commands",
+            &json!({"name": "x", "wait_s": 61}),
+        )
+        .await;
+    assert_api_error(&resp, 404, "not_found");
     let resp = api
         .with_key(None)
         .post("/devices/sensor-1/commands", &json!({"name": "x"}))

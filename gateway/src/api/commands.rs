@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use super::{cursor, devices::find, parse_limit, ApiError, ApiState, JsonBody};
+use super::devices::{find, no_device};
+use super::{cursor, parse_limit, ApiError, ApiState, JsonBody};
 use crate::commands::{command_json, CommandRequest};
 use crate::store::commands::{Cancel, ListQuery, Queued, Status};
 
@@ -117,12 +118,16 @@ pub async fn create(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<CreateCommand>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let device = find(&state, &id).await?;
-    let (request, wait) = body.validate()?;
-    let (queued, waited_out) = state
-        .commands
-        .queue_and_wait(device.pk, &device.id, request, wait)
-        .await?;
+    let (request, wait) = match body.validate() {
+        Ok(valid) => valid,
+        // An unknown device is reported before the body's faults, as everywhere else.
+        Err(invalid) => {
+            find(&state, &id).await?;
+            return Err(invalid);
+        }
+    };
+    // The queueing transaction looks the device up itself (no read beforehand).
+    let (queued, waited_out) = state.commands.queue_and_wait(&id, request, wait).await?;
     let (row, fresh) = match queued {
         Queued::New(row) => (row, true),
         Queued::Existing(row) => (row, false),
@@ -131,6 +136,7 @@ pub async fn create(
                 "the device has too many commands that are not final; retry later",
             ))
         }
+        Queued::NoDevice => return Err(no_device(&id)),
     };
     let status = match (fresh, waited_out) {
         (false, _) => StatusCode::OK,

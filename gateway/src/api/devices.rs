@@ -96,7 +96,12 @@ pub(super) async fn find(state: &ApiState, id: &str) -> Result<DeviceRow, ApiErr
         .store
         .get_device(id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))
+        .ok_or_else(|| no_device(id))
+}
+
+/// The `404` for a device id that names no device.
+pub(super) fn no_device(id: &str) -> ApiError {
+    ApiError::not_found(format!("no device `{id}`"))
 }
 
 /// The body of `POST /v1/devices`.

@@ -106,11 +106,10 @@ impl Commands {
     /// Queues a command for a device (or finds the one with the same idempotency key).
     pub async fn queue(
         &self,
-        device_pk: i64,
         device_id: &str,
         request: CommandRequest,
     ) -> Result<Queued, StoreError> {
-        self.queue_as(new_id(), device_pk, device_id, request).await
+        self.queue_as(new_id(), device_id, request).await
     }
 
     /// Queues a command as [`queue`](Self::queue) does and waits up to `wait` for it (or
@@ -121,18 +120,17 @@ impl Commands {
     /// every transition after the commit reaches it, so none needs reading back.
     pub async fn queue_and_wait(
         &self,
-        device_pk: i64,
         device_id: &str,
         request: CommandRequest,
         wait: Duration,
     ) -> Result<(Queued, bool), StoreError> {
         let id = new_id();
         let mut waiter = (!wait.is_zero()).then(|| self.register(&id));
-        let queued = self.queue_as(id, device_pk, device_id, request).await?;
+        let queued = self.queue_as(id, device_id, request).await?;
         let (fresh, row) = match queued {
             Queued::New(row) => (true, row),
             Queued::Existing(row) => (false, row),
-            Queued::QueueFull => return Ok((queued, false)),
+            Queued::QueueFull | Queued::NoDevice => return Ok((queued, false)),
         };
         let (row, waited_out) = if wait.is_zero() || row.status.is_final() {
             (row, false)
@@ -162,14 +160,12 @@ impl Commands {
     async fn queue_as(
         &self,
         id: String,
-        device_pk: i64,
         device_id: &str,
         request: CommandRequest,
     ) -> Result<Queued, StoreError> {
         let now = now_ms();
         let new = NewCommand {
             id,
-            device_pk,
             device_id: device_id.to_owned(),
             name: request.name,
             params: request.params,
@@ -522,11 +518,7 @@ mod tests {
 
         let before = commands.queued_count();
         assert!(!commands.queued_since(before));
-        let Queued::New(row) = commands
-            .queue(device.pk, "d1", request("k1"))
-            .await
-            .unwrap()
-        else {
+        let Queued::New(row) = commands.queue("d1", request("k1")).await.unwrap() else {
             panic!("a new command");
         };
         assert!(commands.queued_since(before), "queuing counts");
@@ -534,10 +526,7 @@ mod tests {
 
         // The same idempotency key queues nothing new.
         let after = commands.queued_count();
-        let again = commands
-            .queue(device.pk, "d1", request("k1"))
-            .await
-            .unwrap();
+        let again = commands.queue("d1", request("k1")).await.unwrap();
         assert!(matches!(again, Queued::Existing(_)));
         assert!(!commands.queued_since(after));
 
@@ -562,15 +551,12 @@ mod tests {
     /// `queue_and_wait` for device `d1` with key `key`, for up to 10 s, in a task.
     fn spawn_waiting(
         commands: &Arc<Commands>,
-        device_pk: i64,
         key: &'static str,
     ) -> tokio::task::JoinHandle<Result<(Queued, bool), StoreError>> {
         let commands = commands.clone();
         tokio::spawn(async move {
             let wait = Duration::from_secs(10);
-            commands
-                .queue_and_wait(device_pk, "d1", request(key), wait)
-                .await
+            commands.queue_and_wait("d1", request(key), wait).await
         })
     }
 
@@ -582,11 +568,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (state, _writer) = crate::api::test_state(dir.path()).await;
         let (store, commands) = (state.store.clone(), state.commands.clone());
-        let device = store
+        store
             .create_device("d1", None, "{}", b"hash-of-d1", 1)
             .await
             .unwrap();
-        let waiting = spawn_waiting(&commands, device.pk, "k1");
+        let waiting = spawn_waiting(&commands, "k1");
         // Registered under the new id, which the command then gets.
         let id = loop {
             if let [id] = waited_for(&commands).as_slice() {
@@ -615,7 +601,7 @@ mod tests {
         // Nobody answers: the wait runs out, with the status so far.
         let short = Duration::from_millis(50);
         let (queued, waited_out) = commands
-            .queue_and_wait(device.pk, "d1", request("k2"), short)
+            .queue_and_wait("d1", request("k2"), short)
             .await
             .unwrap();
         let Queued::New(pending) = queued else {
@@ -626,7 +612,7 @@ mod tests {
         assert!(waited_for(&commands).is_empty());
 
         // The same key finds that command, and waits for it under its own id.
-        let again = spawn_waiting(&commands, device.pk, "k2");
+        let again = spawn_waiting(&commands, "k2");
         while !waited_for(&commands).contains(&pending.id) {
             tokio::task::yield_now().await;
         }

@@ -108,7 +108,7 @@ impl CommandRow {
 #[derive(Debug, Clone)]
 pub struct NewCommand {
     pub id: String,
-    pub device_pk: i64,
+    /// The device's id; the queueing transaction finds its row (and sees it still exists).
     pub device_id: String,
     pub name: String,
     pub params: String,
@@ -127,6 +127,8 @@ pub enum Queued {
     Existing(CommandRow),
     /// The device already has `queue_max` commands that are not final.
     QueueFull,
+    /// No device has this id (it never existed, or was deleted).
+    NoDevice,
 }
 
 /// What a device's answer (ack or result) did.
@@ -229,8 +231,8 @@ impl CommandOp {
             } => {
                 let queued = queue(db, new, *queue_max)?;
                 let taken = match (&queued, deliver_window) {
-                    (Queued::New(_), Some(window)) => {
-                        take_for_delivery(db, new.device_pk, *window, new.created_at)?.rows
+                    (Queued::New(row), Some(window)) => {
+                        take_for_delivery(db, row.device_pk, *window, new.created_at)?.rows
                     }
                     _ => Vec::new(),
                 };
@@ -345,11 +347,20 @@ impl CommandRow {
     }
 }
 
+/// Queues `new` for its device, found by id in the same transaction: a device deleted
+/// meanwhile gets nothing queued, and the lookup reads the writer's own warm page cache.
 fn queue(db: &rusqlite::Connection, new: &NewCommand, queue_max: u32) -> rusqlite::Result<Queued> {
+    let device_pk: Option<i64> = db
+        .prepare_cached("SELECT pk FROM devices WHERE id = ?1")?
+        .query_row([&new.device_id], |r| r.get(0))
+        .optional()?;
+    let Some(device_pk) = device_pk else {
+        return Ok(Queued::NoDevice);
+    };
     if let Some(key) = &new.idempotency_key {
         let existing = db
             .prepare_cached("SELECT * FROM commands WHERE device_pk = ?1 AND idempotency_key = ?2")?
-            .query_row((new.device_pk, key), CommandRow::read)
+            .query_row((device_pk, key), CommandRow::read)
             .optional()?;
         if let Some(row) = existing {
             return Ok(Queued::Existing(row));
@@ -359,7 +370,7 @@ fn queue(db: &rusqlite::Connection, new: &NewCommand, queue_max: u32) -> rusqlit
         .prepare_cached(&format!(
             "SELECT count(*) FROM commands WHERE device_pk = ?1 AND status IN {OPEN}"
         ))?
-        .query_row([new.device_pk], |r| r.get(0))?;
+        .query_row([device_pk], |r| r.get(0))?;
     if open >= i64::from(queue_max) {
         return Ok(Queued::QueueFull);
     }
@@ -372,7 +383,7 @@ fn queue(db: &rusqlite::Connection, new: &NewCommand, queue_max: u32) -> rusqlit
         .query_row(
             (
                 &new.id,
-                new.device_pk,
+                device_pk,
                 &new.device_id,
                 &new.name,
                 &new.params,
@@ -553,19 +564,23 @@ mod tests {
     use super::*;
     use crate::config::Synchronous;
 
+    /// A fresh store with devices `d1` and `d2` (pks 1 and 2), which [`new`] refers to.
     async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/c.db", dir.path().display());
-        (
-            dir,
-            Store::open(
-                &url,
-                Synchronous::Normal,
-                crate::store::DEFAULT_WAL_MAX_BYTES,
-            )
-            .await
-            .unwrap(),
+        let store = Store::open(
+            &url,
+            Synchronous::Normal,
+            crate::store::DEFAULT_WAL_MAX_BYTES,
         )
+        .await
+        .unwrap();
+        for pk in [1, 2] {
+            let id = format!("d{pk}");
+            let device = store.create_device(&id, None, "{}", id.as_bytes(), 1);
+            assert_eq!(device.await.unwrap().pk, pk);
+        }
+        (dir, store)
     }
 
     /// The ops one at a time, as the tests below read best.
@@ -675,10 +690,10 @@ mod tests {
         }
     }
 
+    /// A command for device `d{pk}`.
     fn new(id: &str, pk: i64, created_at: i64) -> NewCommand {
         NewCommand {
             id: id.into(),
-            device_pk: pk,
             device_id: format!("d{pk}"),
             name: "ping".into(),
             params: "{}".into(),
@@ -824,6 +839,31 @@ mod tests {
         ));
     }
 
+    /// The queueing transaction finds the device itself: no device, or one deleted since
+    /// the operator's request arrived, gets nothing queued.
+    #[tokio::test]
+    async fn a_command_for_a_device_that_is_not_there_is_not_queued() {
+        let (_d, store) = store().await;
+        assert!(matches!(
+            store.queue_command(&new("c1", 3, 10), 100).await.unwrap(),
+            Queued::NoDevice
+        ));
+        assert_eq!(store.delete_device("d2").await.unwrap(), Some(2));
+        let mut keyed = new("c2", 2, 10);
+        keyed.idempotency_key = Some("k".into());
+        assert!(matches!(
+            store.queue_command(&keyed, 100).await.unwrap(),
+            Queued::NoDevice
+        ));
+        for id in ["c1", "c2"] {
+            assert!(store.get_command(id).await.unwrap().is_none());
+        }
+        assert!(matches!(
+            store.queue_command(&new("c3", 1, 10), 100).await.unwrap(),
+            Queued::New(r) if r.device_pk == 1
+        ));
+    }
+
     #[tokio::test]
     async fn idempotency_and_the_queue_bound() {
         let (_d, store) = store().await;
@@ -845,7 +885,7 @@ mod tests {
         ));
         assert!(matches!(
             store.queue_command(&new("c5", 2, 12), 2).await.unwrap(),
-            Queued::New(_)
+            Queued::New(r) if r.device_pk == 2 && r.device_id == "d2"
         ));
         let page = store
             .list_commands(&ListQuery {
