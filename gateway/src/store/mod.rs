@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    LockedSqliteHandle, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use sqlx::{Connection, Sqlite, Transaction};
 
@@ -94,22 +95,49 @@ impl Drop for Waiting {
 
 /// The write connection, held by the batching writer across its transactions so that
 /// their statements stay prepared. Each transaction runs on the caller's thread, with
-/// the connection locked out of its sqlx worker thread: a batch costs one round trip
-/// to that thread instead of one per statement (each of which wakes two threads).
+/// the connection locked out of its sqlx worker thread. The lock is taken at the first
+/// transaction and kept until sqlx itself needs the connection (a WAL truncation, the
+/// hand-back): taking it is a round trip to that thread, and giving it back wakes that
+/// thread, so keeping it spares every commit two thread wake-ups.
 ///
 /// The writer hands the connection back whenever another writer waits
 /// ([`Store::write_wanted`]); [`WriteSession::release`] finalizes the prepared
 /// statements first, as sqlx must close a connection without any left.
 pub(crate) struct WriteSession {
     /// rusqlite's view of the same handle, with its statement cache. Declared first: it
-    /// is dropped (its statements finalized) before the connection goes back.
+    /// is dropped (its statements finalized) before the lock and the connection go back.
     db: Option<rusqlite::Connection>,
+    /// The connection locked out of its worker thread (see [`WriteSession::lock`]).
+    locked: Option<LockedSqliteHandle<'static>>,
     pooled: PoolConnection<Sqlite>,
     /// A failed transaction could not be rolled back: close rather than reuse.
     broken: bool,
 }
 
 impl WriteSession {
+    /// Locks the connection out of its sqlx worker thread, unless it already is.
+    #[allow(unsafe_code)]
+    async fn lock(&mut self) -> Result<&mut LockedSqliteHandle<'static>, StoreError> {
+        if self.locked.is_none() {
+            let locked = self.pooled.lock_handle().await?;
+            // SAFETY: the guard refers to the mutex in the worker's shared state, a heap
+            // allocation that the connection's `Arc` keeps where it is for as long as the
+            // connection lives; `pooled` is not moved out, used through sqlx, or dropped
+            // while `locked` is `Some`: `unlock` comes first in `truncate_wal` and `release`,
+            // and on drop `locked` goes before `pooled` (field order).
+            let locked = unsafe {
+                std::mem::transmute::<LockedSqliteHandle<'_>, LockedSqliteHandle<'static>>(locked)
+            };
+            self.locked = Some(locked);
+        }
+        Ok(self.locked.as_mut().expect("locked above"))
+    }
+
+    /// Gives the connection back to its worker thread, so that sqlx can use it.
+    fn unlock(&mut self) {
+        self.locked = None;
+    }
+
     /// Runs `work` in one `BEGIN IMMEDIATE` transaction, directly on this thread, and
     /// commits; rolls back if `work` or the commit fails. Blocks the thread for the
     /// transaction: the batching writer has a thread of its own for this.
@@ -118,7 +146,7 @@ impl WriteSession {
         &mut self,
         work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let mut locked = self.pooled.lock_handle().await?;
+        let handle = self.lock().await?.as_raw_handle().as_ptr();
         let db = match &mut self.db {
             Some(db) => db,
             // SAFETY: rusqlite and sqlx link the same libsqlite3-sys (a `links = "sqlite3"`
@@ -126,9 +154,9 @@ impl WriteSession {
             // `db` lives: `pooled` is held until `release` or drop, which drop `db` first,
             // and `from_handle` leaves closing the handle to sqlx. It is used only while
             // locked out of the worker thread, here and in `release`.
-            None => self.db.insert(unsafe {
-                rusqlite::Connection::from_handle(locked.as_raw_handle().as_ptr())
-            }?),
+            None => self
+                .db
+                .insert(unsafe { rusqlite::Connection::from_handle(handle) }?),
         };
         let outcome = db
             .execute_batch("BEGIN IMMEDIATE")
@@ -139,13 +167,13 @@ impl WriteSession {
             let _ = db.execute_batch("ROLLBACK");
             self.broken |= !db.is_autocommit();
         }
-        drop(locked);
         Ok(outcome?)
     }
 
     /// Copies the whole WAL into the database and truncates the WAL file to zero bytes,
     /// waiting (up to the busy timeout) for readers of older snapshots to finish.
     pub(crate) async fn truncate_wal(&mut self) -> Result<Checkpoint, StoreError> {
+        self.unlock();
         let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
             .fetch_one(&mut *self.pooled)
             .await?;
@@ -160,15 +188,12 @@ impl WriteSession {
     /// closes it if a transaction could not be rolled back).
     pub(crate) async fn release(mut self) {
         if let Some(db) = self.db.take() {
-            match self.pooled.lock_handle().await {
-                Ok(locked) => {
-                    drop(db);
-                    drop(locked);
-                }
-                // The worker thread is gone, and the connection with it.
-                Err(_) => drop(db),
-            }
+            // The statements are finalized with the connection locked, then it is unlocked;
+            // if the worker thread is gone, so is the connection.
+            let _ = self.lock().await;
+            drop(db);
         }
+        self.unlock();
         if self.broken {
             self.pooled.close_on_drop();
         }
@@ -177,8 +202,11 @@ impl WriteSession {
 
 impl Drop for WriteSession {
     /// Dropped without [`WriteSession::release`] (a panic, say): `db` goes first, its
-    /// statements finalized while the worker thread idles (nobody else has the connection).
+    /// statements finalized while the connection is still locked or its worker thread
+    /// idles (nobody else has the connection), then the lock.
     fn drop(&mut self) {
+        self.db = None;
+        self.unlock();
         if self.broken {
             self.pooled.close_on_drop();
         }
@@ -306,6 +334,7 @@ impl Store {
     pub(crate) async fn write_session(&self) -> Result<WriteSession, StoreError> {
         Ok(WriteSession {
             db: None,
+            locked: None,
             pooled: self.write.acquire().await?,
             broken: false,
         })
