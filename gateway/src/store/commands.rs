@@ -566,15 +566,7 @@ mod tests {
 
     /// A fresh store with devices `d1` and `d2` (pks 1 and 2), which [`new`] refers to.
     async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/c.db", dir.path().display());
-        let store = Store::open(
-            &url,
-            Synchronous::Normal,
-            crate::store::DEFAULT_WAL_MAX_BYTES,
-        )
-        .await
-        .unwrap();
+        let (dir, store) = crate::store::tests::open(Synchronous::Normal).await;
         for pk in [1, 2] {
             let id = format!("d{pk}");
             let device = store.create_device(&id, None, "{}", id.as_bytes(), 1);

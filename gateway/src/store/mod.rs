@@ -389,10 +389,11 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    async fn open(sync: Synchronous) -> (tempfile::TempDir, Store) {
+    /// A fresh store in a temporary folder (in a subfolder it creates), for the tests.
+    pub(crate) async fn open(sync: Synchronous) -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}/data/g.db", dir.path().display());
         let store = Store::open(&url, sync, DEFAULT_WAL_MAX_BYTES)

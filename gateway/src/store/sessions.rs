@@ -182,15 +182,7 @@ mod tests {
     /// holds two.
     #[tokio::test]
     async fn a_batch_of_starts_and_ends_records_each_session_and_the_latest_per_device() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/s.db", dir.path().display());
-        let store = Store::open(
-            &url,
-            Synchronous::Normal,
-            super::super::DEFAULT_WAL_MAX_BYTES,
-        )
-        .await
-        .unwrap();
+        let (_dir, store) = crate::store::tests::open(Synchronous::Normal).await;
         let a = store
             .create_device("a", None, "{}", b"ha", 1)
             .await
