@@ -121,10 +121,10 @@ impl WriteSession {
         if self.locked.is_none() {
             let locked = self.pooled.lock_handle().await?;
             // SAFETY: the guard refers to the mutex in the worker's shared state, a heap
-            // allocation that the connection's `Arc` keeps where it is for as long as the
-            // connection lives; `pooled` is not moved out, used through sqlx, or dropped
-            // while `locked` is `Some`: `unlock` comes first in `truncate_wal` and `release`,
-            // and on drop `locked` goes before `pooled` (field order).
+            // allocation behind the connection's `Arc`: it stays where it is when this
+            // session (and `pooled` with it) moves, for as long as the connection lives.
+            // `pooled` is neither used through sqlx nor dropped while `locked` is `Some`:
+            // `truncate_wal`, `release` and `drop` unlock first.
             let locked = unsafe {
                 std::mem::transmute::<LockedSqliteHandle<'_>, LockedSqliteHandle<'static>>(locked)
             };
