@@ -103,18 +103,9 @@ impl Commands {
         self.window
     }
 
-    /// Queues a command for a device (or finds the one with the same idempotency key).
-    pub async fn queue(
-        &self,
-        device_id: &str,
-        request: CommandRequest,
-    ) -> Result<Queued, StoreError> {
-        self.queue_as(new_id(), device_id, request).await
-    }
-
-    /// Queues a command as [`queue`](Self::queue) does and waits up to `wait` for it (or
-    /// the one found by its idempotency key) to be final: true in the second place when the
-    /// wait ran out first, with the status so far.
+    /// Queues a command for a device (or finds the one with the same idempotency key) and
+    /// waits up to `wait` (none if zero) for it to be final: true in the second place when
+    /// the wait ran out first, with the status so far.
     ///
     /// A new command's waiter is registered under its id before the command is committed:
     /// every transition after the commit reaches it, so none needs reading back.
@@ -518,7 +509,8 @@ mod tests {
 
         let before = commands.queued_count();
         assert!(!commands.queued_since(before));
-        let Queued::New(row) = commands.queue("d1", request("k1")).await.unwrap() else {
+        let queue = |key| commands.queue_and_wait("d1", request(key), Duration::ZERO);
+        let Queued::New(row) = queue("k1").await.unwrap().0 else {
             panic!("a new command");
         };
         assert!(commands.queued_since(before), "queuing counts");
@@ -526,7 +518,7 @@ mod tests {
 
         // The same idempotency key queues nothing new.
         let after = commands.queued_count();
-        let again = commands.queue("d1", request("k1")).await.unwrap();
+        let again = queue("k1").await.unwrap().0;
         assert!(matches!(again, Queued::Existing(_)));
         assert!(!commands.queued_since(after));
 
