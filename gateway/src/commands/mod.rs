@@ -24,7 +24,7 @@ use crate::store::commands::{
     Answer, Cancel, CommandOp, CommandOutcome, CommandRow, ConnectListing, Delivery, NewCommand,
     Queued, Status,
 };
-use crate::store::writer::{committed, CommandReceipt, Writer};
+use crate::store::writer::{committed, durable, CommandReceipt, Writer};
 use crate::store::{Store, StoreError};
 use crate::time::{format_ms, now_ms};
 use timers::{Deadline, Timers};
@@ -173,7 +173,16 @@ impl Commands {
             queue_max: self.queue_max,
             deliver_window: session.as_ref().map(|_| self.window),
         };
-        let CommandOutcome::Queued(queued, taken) = self.writer.command(op).await? else {
+        // For an online device, the command is on its way while its commit syncs: the
+        // answer below still waits for the sync (see `Writer::command_early`).
+        let (outcome, synced) = match &session {
+            Some(_) => {
+                let (outcome, synced) = self.writer.command_early(op).await?;
+                (outcome, Some(synced))
+            }
+            None => (self.writer.command(op).await?, None),
+        };
+        let CommandOutcome::Queued(queued, taken) = outcome else {
             unreachable!("a queue op answers Queued")
         };
         if let Queued::New(row) = &queued {
@@ -194,6 +203,9 @@ impl Commands {
                 }
                 _ => self.nudge(device_id),
             }
+        }
+        if let Some(synced) = synced {
+            durable(synced).await?;
         }
         Ok(queued)
     }

@@ -74,6 +74,7 @@ pub struct Store {
     path: PathBuf,
     wal_path: PathBuf,
     wal_max_bytes: u64,
+    synchronous: Synchronous,
 }
 
 /// Writers waiting for the write connection, and a wake-up for the writer that holds it.
@@ -112,6 +113,11 @@ pub(crate) struct WriteSession {
     pooled: PoolConnection<Sqlite>,
     /// A failed transaction could not be rolled back: close rather than reuse.
     broken: bool,
+    /// The store syncs every commit (`synchronous=FULL`).
+    full: bool,
+    /// The connection is at `synchronous=NORMAL` for [`WriteSession::transaction_unsynced`]
+    /// (only ever while locked).
+    unsynced: bool,
 }
 
 impl WriteSession {
@@ -135,16 +141,48 @@ impl WriteSession {
 
     /// Gives the connection back to its worker thread, so that sqlx can use it.
     fn unlock(&mut self) {
+        self.restore_sync();
         self.locked = None;
+    }
+
+    /// Back at `synchronous=FULL` after unsynced commits, so that commits through sqlx sync
+    /// themselves; a connection that cannot be is closed rather than reused.
+    fn restore_sync(&mut self) {
+        if self.locked.is_some() && std::mem::take(&mut self.unsynced) {
+            let restored = self
+                .db
+                .as_ref()
+                .map(|db| db.execute_batch("PRAGMA synchronous=FULL"));
+            self.broken |= !matches!(restored, Some(Ok(())));
+        }
     }
 
     /// Runs `work` in one `BEGIN IMMEDIATE` transaction, directly on this thread, and
     /// commits; rolls back if `work` or the commit fails. Blocks the thread for the
     /// transaction: the batching writer has a thread of its own for this.
-    #[allow(unsafe_code)]
     pub(crate) async fn transaction<T>(
         &mut self,
         work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        self.transaction_with(work, true).await
+    }
+
+    /// [`WriteSession::transaction`], but with `synchronous=FULL` its commit does not sync
+    /// the WAL (it runs at `NORMAL`): the change is visible and survives the process, not yet
+    /// the machine, until [`WriteSession::sync_wal`] (or the next commit that syncs). The
+    /// caller syncs before it tells anyone the change is durable.
+    pub(crate) async fn transaction_unsynced<T>(
+        &mut self,
+        work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        self.transaction_with(work, false).await
+    }
+
+    #[allow(unsafe_code)]
+    async fn transaction_with<T>(
+        &mut self,
+        work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>,
+        sync: bool,
     ) -> Result<T, StoreError> {
         let handle = self.lock().await?.as_raw_handle().as_ptr();
         let db = match &mut self.db {
@@ -158,6 +196,15 @@ impl WriteSession {
                 .db
                 .insert(unsafe { rusqlite::Connection::from_handle(handle) }?),
         };
+        // The level changes only between transactions (SQLite refuses it inside one).
+        let unsynced = self.full && !sync;
+        if unsynced != self.unsynced {
+            db.execute_batch(match unsynced {
+                true => "PRAGMA synchronous=NORMAL",
+                false => "PRAGMA synchronous=FULL",
+            })?;
+            self.unsynced = unsynced;
+        }
         let outcome = db
             .execute_batch("BEGIN IMMEDIATE")
             .and_then(|()| work(db))
@@ -168,6 +215,52 @@ impl WriteSession {
             self.broken |= !db.is_autocommit();
         }
         Ok(outcome?)
+    }
+
+    /// Syncs the WAL file, as a commit at `synchronous=FULL` does: every commit before it is
+    /// then durable. Called after a transaction of this session, on the same thread.
+    #[allow(unsafe_code)]
+    pub(crate) fn sync_wal(&mut self) -> Result<(), StoreError> {
+        let failed = |rc: std::ffi::c_int| {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rc),
+                Some("syncing the WAL".into()),
+            ))
+        };
+        let db = match (&self.db, &self.locked) {
+            (Some(db), Some(_)) => db,
+            _ => return Err(failed(rusqlite::ffi::SQLITE_MISUSE)),
+        };
+        // SAFETY: `db` is this session's open handle, locked out of sqlx's worker thread and
+        // between transactions, so nothing else uses the connection or its files now (SQLite
+        // calls a file's methods from one thread at a time, and so does this). The pointer
+        // SQLite hands back is its WAL file, open for as long as the connection is; its
+        // `xSync` is the one SQLite's own commit calls (through `wal_vfs`, which writes out
+        // what it gathered first).
+        let rc = unsafe {
+            use rusqlite::ffi;
+            let mut wal: *mut ffi::sqlite3_file = std::ptr::null_mut();
+            let rc = ffi::sqlite3_file_control(
+                db.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+                std::ptr::addr_of_mut!(wal).cast(),
+            );
+            match (rc, wal.is_null()) {
+                (ffi::SQLITE_OK, false) if !(*wal).pMethods.is_null() => {
+                    match (*(*wal).pMethods).xSync {
+                        Some(sync) => sync(wal, ffi::SQLITE_SYNC_NORMAL),
+                        None => ffi::SQLITE_MISUSE,
+                    }
+                }
+                (ffi::SQLITE_OK, _) => ffi::SQLITE_MISUSE,
+                (rc, _) => rc,
+            }
+        };
+        match rc {
+            rusqlite::ffi::SQLITE_OK => Ok(()),
+            rc => Err(failed(rc)),
+        }
     }
 
     /// Copies the whole WAL into the database and truncates the WAL file to zero bytes,
@@ -187,11 +280,12 @@ impl WriteSession {
     /// Hands the connection back to the pool, its prepared statements finalized (or
     /// closes it if a transaction could not be rolled back).
     pub(crate) async fn release(mut self) {
-        if let Some(db) = self.db.take() {
-            // The statements are finalized with the connection locked, then it is unlocked;
-            // if the worker thread is gone, so is the connection.
+        if self.db.is_some() {
+            // The statements are finalized with the connection locked (and back at `FULL`),
+            // then it is unlocked; if the worker thread is gone, so is the connection.
             let _ = self.lock().await;
-            drop(db);
+            self.restore_sync();
+            self.db = None;
         }
         self.unlock();
         if self.broken {
@@ -201,10 +295,11 @@ impl WriteSession {
 }
 
 impl Drop for WriteSession {
-    /// Dropped without [`WriteSession::release`] (a panic, say): `db` goes first, its
-    /// statements finalized while the connection is still locked or its worker thread
-    /// idles (nobody else has the connection), then the lock.
+    /// Dropped without [`WriteSession::release`] (a panic, say): the connection goes back
+    /// to `FULL`, then `db` goes, its statements finalized while the connection is still
+    /// locked or its worker thread idles (nobody else has the connection), then the lock.
     fn drop(&mut self) {
+        self.restore_sync();
         self.db = None;
         self.unlock();
         if self.broken {
@@ -304,6 +399,7 @@ impl Store {
             path,
             wal_path: wal_path.into(),
             wal_max_bytes,
+            synchronous,
         })
     }
 
@@ -315,6 +411,11 @@ impl Store {
     /// The size of the WAL file now (0 when there is none).
     pub fn wal_bytes(&self) -> u64 {
         std::fs::metadata(&self.wal_path).map_or(0, |m| m.len())
+    }
+
+    /// How durable a commit is made (`--synchronous`).
+    pub fn synchronous(&self) -> Synchronous {
+        self.synchronous
     }
 
     /// The size the WAL file should stay under.
@@ -337,6 +438,8 @@ impl Store {
             locked: None,
             pooled: self.write.acquire().await?,
             broken: false,
+            full: self.synchronous == Synchronous::Full,
+            unsynced: false,
         })
     }
 
@@ -423,6 +526,44 @@ pub(crate) mod tests {
                 .unwrap();
             assert_eq!(pages, 8192);
             assert!(store.path().ends_with("data/g.db"), "the folder is created");
+        }
+    }
+
+    /// An unsynced commit runs at `NORMAL` (with `full`), the next synced one at `FULL`
+    /// again, `sync_wal` succeeds after either, and sqlx gets the connection back at the
+    /// store's level. With `normal`, nothing ever switches to `FULL`.
+    #[tokio::test]
+    async fn unsynced_commits_and_the_wal_sync() {
+        let level = |db: &rusqlite::Connection| {
+            db.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+        };
+        for (sync, full) in [(Synchronous::Full, 2), (Synchronous::Normal, 1)] {
+            let (_dir, store) = open(sync).await;
+            let mut session = store.write_session().await.unwrap();
+            let insert = |db: &rusqlite::Connection| {
+                db.execute(
+                    "INSERT INTO devices (id, token_hash, created_at, updated_at) \
+                     VALUES (hex(randomblob(8)), randomblob(8), 0, 0)",
+                    [],
+                )?;
+                level(db)
+            };
+            assert_eq!(session.transaction_unsynced(insert).await.unwrap(), 1);
+            session.sync_wal().expect("the WAL syncs");
+            assert_eq!(session.transaction(insert).await.unwrap(), full, "{sync:?}");
+            session.sync_wal().expect("the WAL syncs");
+            assert_eq!(session.transaction_unsynced(insert).await.unwrap(), 1);
+            session.release().await;
+            let got: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(&store.write)
+                .await
+                .unwrap();
+            assert_eq!(got, full, "{sync:?}: sqlx's commits sync as configured");
+            let devices: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
+                .fetch_one(&store.read)
+                .await
+                .unwrap();
+            assert_eq!(devices, 3);
         }
     }
 

@@ -24,6 +24,7 @@ use super::commands::{CommandOp, CommandOutcome};
 use super::sessions::{record_ends, record_starts, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
 use super::{Checkpoint, Store, StoreError, WriteSession};
+use crate::config::Synchronous;
 use crate::device::protocol::Point;
 use crate::events::{EventKind, Events, Payload};
 use crate::metrics::METRICS;
@@ -48,8 +49,24 @@ pub enum WriteJob {
     SessionStart(SessionStart, oneshot::Sender<bool>),
     /// `done` learns when the end is recorded, so the session leaves the hub only then.
     SessionEnd(SessionEnd, oneshot::Sender<bool>),
-    /// A command change; `done` gets its outcome once committed (`None` if the commit failed).
-    Command(CommandOp, oneshot::Sender<Option<CommandOutcome>>),
+    /// A command change, and where its outcome goes.
+    Command(CommandOp, Reply),
+}
+
+/// Where a command change's outcome goes.
+#[derive(Debug)]
+pub enum Reply {
+    /// The outcome once the change is durable (`None` if its batch failed).
+    Durable(oneshot::Sender<Option<CommandOutcome>>),
+    /// The outcome as soon as the change is committed, before the commit's sync (with
+    /// `synchronous=full`), so that a command is on its way to its device while the WAL
+    /// syncs; then whether the sync made the change durable.
+    Early(
+        oneshot::Sender<Option<CommandOutcome>>,
+        oneshot::Sender<bool>,
+    ),
+    /// An early reply whose outcome has gone: whether the change is durable is left to tell.
+    Durability(oneshot::Sender<bool>),
 }
 
 impl WriteJob {
@@ -63,6 +80,10 @@ impl WriteJob {
     /// A device's receipt of a command (`delivered`): nobody waits for its commit.
     fn is_receipt(&self) -> bool {
         matches!(self, WriteJob::Command(CommandOp::Delivered { .. }, _))
+    }
+
+    fn is_early(&self) -> bool {
+        matches!(self, WriteJob::Command(_, Reply::Early(..)))
     }
 }
 
@@ -201,13 +222,37 @@ impl Writer {
     /// Queues a command change; the receiver gets its outcome once committed.
     pub async fn submit_command(&self, op: CommandOp) -> Result<CommandReceipt, StoreError> {
         let (done, receipt) = oneshot::channel();
-        self.submit(WriteJob::Command(op, done)).await?;
+        self.submit(WriteJob::Command(op, Reply::Durable(done)))
+            .await?;
         Ok(receipt)
+    }
+
+    /// Applies a command change and returns its outcome once committed, before the commit
+    /// is synced ([`Reply::Early`]); the receiver learns whether the sync made it durable,
+    /// which the caller awaits (with [`durable`]) before it promises anything.
+    pub async fn command_early(
+        &self,
+        op: CommandOp,
+    ) -> Result<(CommandOutcome, oneshot::Receiver<bool>), StoreError> {
+        let (first, outcome) = oneshot::channel();
+        let (synced, durable) = oneshot::channel();
+        self.submit(WriteJob::Command(op, Reply::Early(first, synced)))
+            .await?;
+        Ok((committed(outcome.await)?, durable))
     }
 
     /// Applies a command change and waits for its commit.
     pub async fn command(&self, op: CommandOp) -> Result<CommandOutcome, StoreError> {
         committed(self.submit_command(op).await?.await)
+    }
+}
+
+/// Whether an early reply's change became durable ([`Writer::command_early`]).
+pub async fn durable(synced: oneshot::Receiver<bool>) -> Result<(), StoreError> {
+    match synced.await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StoreError::NotCommitted),
+        Err(_) => Err(StoreError::WriterGone),
     }
 }
 
@@ -318,16 +363,33 @@ async fn run(
             rows += job.rows();
             batch.push(job);
         }
+        // A batch with an early reply commits without its sync, which follows the early
+        // replies (the store syncs every commit; otherwise there is nothing to wait for).
+        let early =
+            store.synchronous() == Synchronous::Full && batch.iter().any(WriteJob::is_early);
         let started = Instant::now();
-        let outcome = match held.get().await {
-            Ok(session) => commit(session, &batch).await,
-            Err(e) => Err(e),
+        let (outcomes, mut error) = match held.get().await {
+            Ok(session) => match commit(session, &batch, !early).await {
+                Ok(outcomes) => (outcomes, None),
+                Err(e) => (Vec::new(), Some(e)),
+            },
+            Err(e) => (Vec::new(), Some(e)),
         };
+        let mut answers = paired(std::mem::take(&mut batch), outcomes);
+        if early {
+            answers = answer_early(answers);
+            if error.is_none() {
+                error = match held.get().await {
+                    Ok(session) => session.sync_wal().err(),
+                    Err(e) => Some(e),
+                };
+            }
+        }
         METRICS
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
-        let ok = match &outcome {
-            Ok(_) => {
+        let ok = match &error {
+            None => {
                 METRICS.batch_rows.observe(rows as f64);
                 health.committed();
                 tracing::trace!(
@@ -337,36 +399,13 @@ async fn run(
                 );
                 true
             }
-            Err(e) => {
+            Some(e) => {
                 METRICS.commit_failures.inc();
                 health.failed(e, rows);
                 false
             }
         };
-        let mut command_outcomes = outcome.ok().unwrap_or_default().into_iter();
-        let mut committed = Vec::new();
-        for job in batch.drain(..) {
-            // A receiver may be gone (its session ended); its device will resend.
-            match job {
-                WriteJob::Telemetry(t) => {
-                    let _ = t.done.send(ok);
-                    if ok {
-                        committed.push((t.device_id, t.msg_id, t.points, t.received_at));
-                    }
-                }
-                WriteJob::SessionEnd(_, done) => {
-                    let _ = done.send(ok);
-                }
-                WriteJob::SessionStart(_, done) => {
-                    let _ = done.send(ok);
-                }
-                WriteJob::Command(_, done) => {
-                    let _ = done.send(command_outcomes.next());
-                }
-            }
-        }
-        // After the acks: live events never delay an ack.
-        events.publish_all(committed.into_iter().flat_map(telemetry_events));
+        answer(answers, ok, events);
         if ok {
             wal_dirty = true;
             // SQLite's passive checkpoints cannot restart a WAL that readers are still in;
@@ -390,6 +429,72 @@ async fn run(
     }
     held.hand_back().await;
     tracing::debug!("telemetry writer stopped");
+}
+
+/// Each job with its outcome: command jobs take theirs in order (none if the commit failed).
+fn paired(
+    jobs: Vec<WriteJob>,
+    outcomes: Vec<CommandOutcome>,
+) -> Vec<(WriteJob, Option<CommandOutcome>)> {
+    let mut outcomes = outcomes.into_iter();
+    jobs.into_iter()
+        .map(|job| {
+            let outcome = match job {
+                WriteJob::Command(..) => outcomes.next(),
+                _ => None,
+            };
+            (job, outcome)
+        })
+        .collect()
+}
+
+/// Sends the early replies their outcomes, before the batch's sync; what is left for each
+/// is to learn whether the sync made its change durable.
+fn answer_early(
+    answers: Vec<(WriteJob, Option<CommandOutcome>)>,
+) -> Vec<(WriteJob, Option<CommandOutcome>)> {
+    answers
+        .into_iter()
+        .map(|answer| match answer {
+            (WriteJob::Command(op, Reply::Early(first, synced)), outcome) => {
+                let _ = first.send(outcome);
+                (WriteJob::Command(op, Reply::Durability(synced)), None)
+            }
+            other => other,
+        })
+        .collect()
+}
+
+/// Answers every job of a batch: `ok` once it is durable, or with a failure. Then publishes
+/// its telemetry events: live events never delay an ack.
+fn answer(answers: Vec<(WriteJob, Option<CommandOutcome>)>, ok: bool, events: &Events) {
+    let mut committed = Vec::new();
+    for (job, outcome) in answers {
+        // A receiver may be gone (its session ended); its device will resend.
+        let outcome = outcome.filter(|_| ok);
+        match job {
+            WriteJob::Telemetry(t) => {
+                let _ = t.done.send(ok);
+                if ok {
+                    committed.push((t.device_id, t.msg_id, t.points, t.received_at));
+                }
+            }
+            WriteJob::SessionEnd(_, done) | WriteJob::SessionStart(_, done) => {
+                let _ = done.send(ok);
+            }
+            WriteJob::Command(_, Reply::Durable(done)) => {
+                let _ = done.send(outcome);
+            }
+            WriteJob::Command(_, Reply::Early(first, synced)) => {
+                let _ = first.send(outcome);
+                let _ = synced.send(ok);
+            }
+            WriteJob::Command(_, Reply::Durability(synced)) => {
+                let _ = synced.send(ok);
+            }
+        }
+    }
+    events.publish_all(committed.into_iter().flat_map(telemetry_events));
 }
 
 /// The next job (`Some(None)` once the queues are closed and empty), or `None` after
@@ -507,6 +612,7 @@ fn rows(batch: &[WriteJob]) -> Vec<NewRow<'_>> {
 async fn commit(
     session: &mut WriteSession,
     batch: &[WriteJob],
+    sync: bool,
 ) -> Result<Vec<CommandOutcome>, StoreError> {
     let rows = rows(batch);
     // Sessions and commands touch different rows; a session's end never shares a batch
@@ -520,18 +626,20 @@ async fn commit(
             WriteJob::Telemetry(_) => {}
         }
     }
-    session
-        .transaction(|db| {
-            insert_rows(db, &rows)?;
-            let outcomes = ops
-                .iter()
-                .map(|op| op.apply(db))
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            record_starts(db, &starts)?;
-            record_ends(db, &ends)?;
-            Ok(outcomes)
-        })
-        .await
+    let work = |db: &rusqlite::Connection| {
+        insert_rows(db, &rows)?;
+        let outcomes = ops
+            .iter()
+            .map(|op| op.apply(db))
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        record_starts(db, &starts)?;
+        record_ends(db, &ends)?;
+        Ok(outcomes)
+    };
+    match sync {
+        true => session.transaction(work).await,
+        false => session.transaction_unsynced(work).await,
+    }
 }
 
 #[cfg(test)]
@@ -617,7 +725,7 @@ mod tests {
                 id: id.into(),
                 now: 1,
             };
-            WriteJob::Command(op, oneshot::channel().0)
+            WriteJob::Command(op, Reply::Durable(oneshot::channel().0))
         };
         ctx.send(delivered("c1")).await.unwrap();
         ctx.send(delivered("c2")).await.unwrap();
@@ -714,6 +822,83 @@ mod tests {
         assert_eq!(rows.len(), 201, "every batch committed, before and after");
         drop(writer);
         task.await.unwrap();
+    }
+
+    /// `PRAGMA synchronous` of the write connection, as sqlx's own commits get it.
+    async fn sqlx_synchronous(store: &Store) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&store.write)
+            .await
+            .unwrap()
+    }
+
+    /// An early reply gets the queued command (marked sent, for its device) at once, then
+    /// learns that it is durable; the command is stored, and the connection that committed
+    /// it at `NORMAL` is at `FULL` again for the other writers. With `normal`, the same.
+    #[tokio::test]
+    async fn an_early_reply_gets_its_outcome_then_its_durability() {
+        for sync in [Synchronous::Full, Synchronous::Normal] {
+            let (_dir, store) = crate::store::tests::open(sync).await;
+            let device = store
+                .create_device("d1", None, "{}", b"h", 1)
+                .await
+                .unwrap();
+            let (writer, task) = Writer::spawn(
+                store.clone(),
+                WriterConfig {
+                    max_rows: 100,
+                    max_delay: Duration::ZERO,
+                    queue: 16,
+                    idle_checkpoint: Duration::from_secs(3600),
+                },
+                Arc::new(Events::new(100, 1)),
+            );
+            let op = |id: &str| CommandOp::Queue {
+                new: super::super::commands::NewCommand {
+                    id: id.into(),
+                    device_id: "d1".into(),
+                    name: "reboot".into(),
+                    params: "{}".into(),
+                    created_at: 1,
+                    expires_at: i64::MAX,
+                    timeout_s: 30,
+                    idempotency_key: None,
+                },
+                queue_max: 100,
+                deliver_window: Some(4),
+            };
+            let (outcome, synced) = writer.command_early(op("c1")).await.unwrap();
+            let CommandOutcome::Queued(super::super::commands::Queued::New(row), taken) = outcome
+            else {
+                panic!("{sync:?}: {outcome:?}")
+            };
+            assert_eq!(row.id, "c1");
+            assert_eq!(taken.len(), 1, "{sync:?}: taken for its online device");
+            assert_eq!(taken[0].status.as_str(), "sent");
+            durable(synced).await.expect("durable");
+            // An ordinary reply after it (a commit at `FULL` again), then an early one.
+            let CommandOutcome::Queued(..) = writer.command(op("c2")).await.unwrap() else {
+                panic!("{sync:?}: c2 not queued")
+            };
+            let (_, synced) = writer.command_early(op("c3")).await.unwrap();
+            durable(synced).await.expect("c3 durable");
+            let stored = store.get_command("c1").await.unwrap().expect("c1 stored");
+            assert_eq!(stored.status.as_str(), "sent");
+            assert_eq!(stored.device_pk, device.pk);
+            // Another writer takes the connection over: at the store's own level.
+            store
+                .create_device("d2", None, "{}", b"h2", 2)
+                .await
+                .unwrap();
+            let level = sqlx_synchronous(&store).await;
+            assert_eq!(
+                level,
+                if sync == Synchronous::Full { 2 } else { 1 },
+                "{sync:?}"
+            );
+            drop(writer);
+            task.await.unwrap();
+        }
     }
 
     #[tokio::test]
