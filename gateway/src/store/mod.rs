@@ -505,6 +505,14 @@ pub(crate) mod tests {
         (dir, store)
     }
 
+    /// `PRAGMA synchronous` of the write connection, as sqlx's own commits get it.
+    pub(crate) async fn sqlx_synchronous(store: &Store) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&store.write)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn wal_and_the_chosen_durability() {
         for (sync, level) in [(Synchronous::Full, 2), (Synchronous::Normal, 1)] {
@@ -514,11 +522,7 @@ pub(crate) mod tests {
                 .await
                 .unwrap();
             assert_eq!(mode, "wal");
-            let got: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(&store.write)
-                .await
-                .unwrap();
-            assert_eq!(got, level, "{sync:?}");
+            assert_eq!(sqlx_synchronous(&store).await, level, "{sync:?}");
             // SQLite checkpoints by itself at half the WAL limit (64 MiB by default).
             let pages: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
                 .fetch_one(&store.write)
@@ -554,10 +558,7 @@ pub(crate) mod tests {
             session.sync_wal().expect("the WAL syncs");
             assert_eq!(session.transaction_unsynced(insert).await.unwrap(), 1);
             session.release().await;
-            let got: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(&store.write)
-                .await
-                .unwrap();
+            let got = sqlx_synchronous(&store).await;
             assert_eq!(got, full, "{sync:?}: sqlx's commits sync as configured");
             let devices: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
                 .fetch_one(&store.read)

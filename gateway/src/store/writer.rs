@@ -697,7 +697,14 @@ mod tests {
         let store = Store::open(&url, crate::config::Synchronous::Full, wal_max_bytes)
             .await
             .unwrap();
-        let (writer, task) = Writer::spawn(
+        let (writer, task) = spawn_writer(&store, idle_checkpoint);
+        (store, writer, task)
+    }
+
+    /// A writer for `store`, in batches of up to 100 rows, truncating the WAL after
+    /// `idle_checkpoint` without work.
+    fn spawn_writer(store: &Store, idle_checkpoint: Duration) -> (Writer, WriterTask) {
+        Writer::spawn(
             store.clone(),
             WriterConfig {
                 max_rows: 100,
@@ -706,8 +713,7 @@ mod tests {
                 idle_checkpoint,
             },
             Arc::new(Events::new(100, 1)),
-        );
-        (store, writer, task)
+        )
     }
 
     /// A command change queued after telemetry is served first; each queue keeps its order.
@@ -824,14 +830,6 @@ mod tests {
         task.await.unwrap();
     }
 
-    /// `PRAGMA synchronous` of the write connection, as sqlx's own commits get it.
-    async fn sqlx_synchronous(store: &Store) -> i64 {
-        sqlx::query_scalar("PRAGMA synchronous")
-            .fetch_one(&store.write)
-            .await
-            .unwrap()
-    }
-
     /// An early reply gets the queued command (marked sent, for its device) at once, then
     /// learns that it is durable; the command is stored, and the connection that committed
     /// it at `NORMAL` is at `FULL` again for the other writers. With `normal`, the same.
@@ -843,16 +841,7 @@ mod tests {
                 .create_device("d1", None, "{}", b"h", 1)
                 .await
                 .unwrap();
-            let (writer, task) = Writer::spawn(
-                store.clone(),
-                WriterConfig {
-                    max_rows: 100,
-                    max_delay: Duration::ZERO,
-                    queue: 16,
-                    idle_checkpoint: Duration::from_secs(3600),
-                },
-                Arc::new(Events::new(100, 1)),
-            );
+            let (writer, task) = spawn_writer(&store, Duration::from_secs(3600));
             let op = |id: &str| CommandOp::Queue {
                 new: super::super::commands::NewCommand {
                     id: id.into(),
@@ -890,7 +879,7 @@ mod tests {
                 .create_device("d2", None, "{}", b"h2", 2)
                 .await
                 .unwrap();
-            let level = sqlx_synchronous(&store).await;
+            let level = crate::store::tests::sqlx_synchronous(&store).await;
             assert_eq!(
                 level,
                 if sync == Synchronous::Full { 2 } else { 1 },
