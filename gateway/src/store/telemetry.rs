@@ -121,21 +121,58 @@ pub(super) struct NewRow<'a> {
     pub data: &'a str,
 }
 
-/// Inserts rows (a re-sent message is ignored); returns how many were new. Called in the
-/// writer's transaction, on its thread: one prepared statement, stepped once per row.
-pub(super) fn insert_rows(db: &rusqlite::Connection, rows: &[NewRow<'_>]) -> rusqlite::Result<u64> {
-    if rows.is_empty() {
-        return Ok(0);
-    }
-    let mut insert = db.prepare_cached(
+/// Rows per multi-row insert: one statement step inserts this many (the rest go one by one).
+const ROWS_PER_INSERT: usize = 32;
+
+/// `INSERT OR IGNORE` of `n` rows, six parameters each.
+fn insert_sql(n: usize) -> String {
+    let values = vec!["(?, ?, ?, ?, ?, ?)"; n].join(", ");
+    format!(
         "INSERT OR IGNORE INTO telemetry (device_pk, msg_id, seq, ts, received_at, data) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
+         VALUES {values}"
+    )
+}
+
+/// Inserts rows (a re-sent message is ignored), in order; returns how many were new.
+/// Called in the writer's transaction, on its thread: prepared statements of
+/// [`ROWS_PER_INSERT`] rows, then of one row for the rest.
+pub(super) fn insert_rows(db: &rusqlite::Connection, rows: &[NewRow<'_>]) -> rusqlite::Result<u64> {
+    static MANY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static ONE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let mut inserted = 0;
-    for r in rows {
-        inserted += insert.execute((r.device_pk, r.msg_id, r.seq, r.ts, r.received_at, r.data))?;
+    let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+    if chunks.len() > 0 {
+        let mut many = db.prepare_cached(MANY.get_or_init(|| insert_sql(ROWS_PER_INSERT)))?;
+        for chunk in &mut chunks {
+            bind_rows(&mut many, chunk)?;
+            inserted += many.raw_execute()?;
+        }
+    }
+    if !chunks.remainder().is_empty() {
+        let mut one = db.prepare_cached(ONE.get_or_init(|| insert_sql(1)))?;
+        for row in chunks.remainder() {
+            bind_rows(&mut one, std::slice::from_ref(row))?;
+            inserted += one.raw_execute()?;
+        }
     }
     Ok(inserted as u64)
+}
+
+/// Binds `rows` to a statement of as many rows, in order.
+fn bind_rows(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    rows: &[NewRow<'_>],
+) -> rusqlite::Result<()> {
+    for (i, r) in rows.iter().enumerate() {
+        let at = i * 6;
+        stmt.raw_bind_parameter(at + 1, r.device_pk)?;
+        stmt.raw_bind_parameter(at + 2, r.msg_id)?;
+        stmt.raw_bind_parameter(at + 3, r.seq)?;
+        stmt.raw_bind_parameter(at + 4, r.ts)?;
+        stmt.raw_bind_parameter(at + 5, r.received_at)?;
+        stmt.raw_bind_parameter(at + 6, r.data)?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -237,6 +274,63 @@ impl Store {
             if n == 0 {
                 return Ok(total);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+
+    /// Rows in full multi-row statements and one by one after them: each stored once, in the
+    /// order given, and a repeat (in the same statement, a later one, or a later call) ignored.
+    #[tokio::test]
+    async fn rows_are_stored_once_in_order_across_statements() {
+        let (_dir, store) = crate::store::tests::open(Synchronous::Full).await;
+        let ids: Vec<String> = (0..ROWS_PER_INSERT * 2 + 6)
+            .map(|i| format!("m{i}"))
+            .collect();
+        let data = |i: usize| format!(r#"{{"i":{i}}}"#);
+        let datas: Vec<String> = (0..ids.len()).map(data).collect();
+        let mut rows: Vec<NewRow<'_>> = ids
+            .iter()
+            .zip(&datas)
+            .enumerate()
+            .map(|(i, (id, data))| NewRow {
+                device_pk: 1,
+                msg_id: id,
+                seq: 0,
+                ts: 1000 - i as i64,
+                received_at: 5,
+                data,
+            })
+            .collect();
+        // Repeats: within the first statement, in the second one, and among the last rows.
+        rows[3] = rows[1];
+        rows[ROWS_PER_INSERT + 2] = rows[0];
+        rows[ROWS_PER_INSERT * 2 + 4] = rows[ROWS_PER_INSERT * 2];
+        let expected: Vec<String> = {
+            let mut seen = std::collections::HashSet::new();
+            rows.iter()
+                .filter(|r| seen.insert(r.msg_id))
+                .map(|r| r.msg_id.to_owned())
+                .collect()
+        };
+        let all = rows.clone();
+        let inserted = store.write_sync(|db| insert_rows(db, &all)).await.unwrap();
+        assert_eq!(inserted, expected.len() as u64);
+        let again = store.write_sync(|db| insert_rows(db, &all)).await.unwrap();
+        assert_eq!(again, 0, "everything was stored already");
+        let stored: Vec<(String, String)> =
+            sqlx::query_as("SELECT msg_id, data FROM telemetry ORDER BY rowid")
+                .fetch_all(&store.read)
+                .await
+                .unwrap();
+        let order: Vec<&str> = stored.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(order, expected, "stored once each, in the order given");
+        for (id, data) in &stored {
+            assert_eq!(data, &format!(r#"{{"i":{}}}"#, &id[1..]), "{id}");
         }
     }
 }
