@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -88,12 +88,19 @@ impl Future for Pending {
     }
 }
 
+/// The most a session reads and drops of a frame over the size limit before it closes.
+const OVERSIZED_DRAIN_BYTES: usize = 4 << 20;
+/// Draining an oversized frame stops once the device has sent nothing for this long.
+const OVERSIZED_DRAIN_QUIET: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How a session ended.
 struct Ending {
     /// Close frame to send, if the gateway closes.
     close: Option<(u16, &'static str)>,
     /// `last_disconnect_reason`.
     reason: &'static str,
+    /// The device may still be writing a frame over the size limit: read and drop it first.
+    drain: bool,
 }
 
 impl Ending {
@@ -101,12 +108,14 @@ impl Ending {
         Ending {
             close: Some((code, text)),
             reason,
+            drain: false,
         }
     }
     fn lost() -> Ending {
         Ending {
             close: None,
             reason: "connection_lost",
+            drain: false,
         }
     }
 }
@@ -214,7 +223,7 @@ where
         if let Err(e) = self.ctx.commands.requeue(unsent).await {
             tracing::warn!(error = %e, "cannot requeue commands the session did not write");
         }
-        self.finish(ending.close).await;
+        self.finish(&ending).await;
         let disconnected_at = now_ms();
         let end = SessionEnd {
             session_id: self.me.session_id.clone(),
@@ -258,13 +267,16 @@ where
     #[cfg(feature = "conformance")]
     pub(super) async fn run_echo(mut self) {
         let ending = self.serve().await;
-        self.finish(ending.close).await;
+        self.finish(&ending).await;
     }
 
     /// Sends the gateway's close frame, if it closes, then ends TLS properly (close_notify),
     /// so clients see a clean close, not a truncation.
-    async fn finish(&mut self, close: Option<(u16, &'static str)>) {
-        if let Some((code, text)) = close {
+    async fn finish(&mut self, ending: &Ending) {
+        if ending.drain {
+            self.drain_oversized().await;
+        }
+        if let Some((code, text)) = ending.close {
             self.close(code, text).await;
         }
         let _ = tokio::time::timeout(
@@ -352,8 +364,8 @@ where
         let message = match frame {
             None => {
                 return Some(Ending {
-                    close: None,
                     reason: "client_closed",
+                    ..Ending::lost()
                 })
             }
             Some(Ok(m)) => m,
@@ -615,6 +627,22 @@ where
         self.ws.send(Message::text(text)).await
     }
 
+    /// Reads and drops what the device still sends of a frame over the size limit (up to
+    /// [`OVERSIZED_DRAIN_BYTES`], until it pauses): a device still writing it then finishes
+    /// and reads the `1009` close, rather than the kernel resetting the connection over
+    /// unread bytes and the close code lost with it.
+    async fn drain_oversized(&mut self) {
+        let mut scratch = [0u8; 8192];
+        let mut left = OVERSIZED_DRAIN_BYTES;
+        while left > 0 {
+            let read = self.ws.get_mut().read(&mut scratch);
+            match tokio::time::timeout(OVERSIZED_DRAIN_QUIET, read).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    }
+
     /// Sends a close frame and waits briefly for the device's answer.
     async fn close(&mut self, code: u16, text: &'static str) {
         let frame = CloseFrame {
@@ -702,12 +730,11 @@ fn ack_message(id: &str, ok: bool) -> Message {
 
 /// Maps a read error to the close code of the contract.
 fn ending_for(e: WsError) -> Ending {
-    use tokio_tungstenite::tungstenite::error::CapacityError;
     match e {
-        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-            Ending::close(1009, "message too big", "protocol_error")
-        }
-        WsError::Capacity(_) => Ending::close(1009, "message too big", "protocol_error"),
+        WsError::Capacity(_) => Ending {
+            drain: true,
+            ..Ending::close(1009, "message too big", "protocol_error")
+        },
         WsError::Utf8(_) => Ending::close(1007, "invalid UTF-8", "protocol_error"),
         WsError::Protocol(p) => {
             tracing::debug!(error = %p, "WebSocket protocol violation");
