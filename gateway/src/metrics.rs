@@ -48,6 +48,8 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub commit_failures: Counter,
     pub wal_bytes: Gauge,
+    pub wal_checkpoint_passes: Counter,
+    pub wal_checkpoint_tails: Counter,
     pub commands: Family<CommandStatus, Counter>,
     pub sse_clients: Gauge,
     registry: Registry,
@@ -71,6 +73,8 @@ impl Metrics {
         let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let commit_failures = Counter::default();
         let wal_bytes = Gauge::default();
+        let wal_checkpoint_passes = Counter::default();
+        let wal_checkpoint_tails = Counter::default();
         let commands = Family::<CommandStatus, Counter>::default();
         let sse_clients = Gauge::default();
         let mut r = Registry::with_prefix("gateway");
@@ -130,6 +134,16 @@ impl Metrics {
             wal_bytes.clone(),
         );
         r.register(
+            "wal_checkpoint_passes",
+            "WAL checkpoint passes run beside the writer",
+            wal_checkpoint_passes.clone(),
+        );
+        r.register(
+            "wal_checkpoint_tails",
+            "WAL tails the writer copied itself, after the passes, to restart the WAL",
+            wal_checkpoint_tails.clone(),
+        );
+        r.register(
             "commands",
             "Command status transitions, by the status reached",
             commands.clone(),
@@ -152,6 +166,8 @@ impl Metrics {
             commit_seconds,
             commit_failures,
             wal_bytes,
+            wal_checkpoint_passes,
+            wal_checkpoint_tails,
             commands,
             sse_clients,
             registry: r,

@@ -6,6 +6,7 @@
 //! the write connection through the batching [`writer`] (group commit), which also
 //! keeps the WAL within its limit.
 
+mod checkpointer;
 pub mod commands;
 pub mod devices;
 pub mod sessions;
@@ -15,7 +16,7 @@ pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +75,8 @@ pub struct Store {
     path: PathBuf,
     wal_path: PathBuf,
     wal_max_bytes: u64,
+    /// SQLite's automatic checkpoint interval, in WAL frames (half of `wal_max_bytes`).
+    checkpoint_pages: i64,
     synchronous: Synchronous,
 }
 
@@ -118,6 +121,13 @@ pub(crate) struct WriteSession {
     /// The connection is at `synchronous=NORMAL` for [`WriteSession::transaction_unsynced`]
     /// (only ever while locked).
     unsynced: bool,
+    /// With [`WriteSession::count_wal_frames`]: the WAL's frames after the last commit,
+    /// which SQLite's WAL hook writes here instead of checkpointing by itself.
+    wal_frames: Option<Box<AtomicI64>>,
+    /// The hook is installed on the handle.
+    hooked: bool,
+    /// What SQLite's automatic checkpoint is set back to when the hook goes.
+    checkpoint_pages: i64,
 }
 
 impl WriteSession {
@@ -196,6 +206,20 @@ impl WriteSession {
                 .db
                 .insert(unsafe { rusqlite::Connection::from_handle(handle) }?),
         };
+        if let (Some(frames), false) = (&self.wal_frames, self.hooked) {
+            let frames: *const AtomicI64 = &**frames;
+            // SAFETY: the handle is locked out of its worker thread. The hook's argument is
+            // the boxed counter, which stays where it is and outlives the hook: `unhook`
+            // removes it (in `release` and `drop`) before the box goes.
+            unsafe {
+                rusqlite::ffi::sqlite3_wal_hook(
+                    db.handle(),
+                    Some(note_wal_frames),
+                    frames.cast_mut().cast(),
+                );
+            }
+            self.hooked = true;
+        }
         // The level changes only between transactions (SQLite refuses it inside one).
         let unsynced = self.full && !sync;
         if unsynced != self.unsynced {
@@ -263,6 +287,52 @@ impl WriteSession {
         }
     }
 
+    /// From the next transaction on, SQLite does not checkpoint by itself after this
+    /// session's commits: it reports the WAL's length ([`WriteSession::wal_frames`]) and the
+    /// caller checkpoints ([`checkpointer`]). Until the session is released.
+    pub(crate) fn count_wal_frames(&mut self) {
+        self.wal_frames.get_or_insert_with(Box::default);
+    }
+
+    /// The frames in the WAL after the last commit (0 before one, or without
+    /// [`WriteSession::count_wal_frames`]).
+    pub(crate) fn wal_frames(&self) -> i64 {
+        self.wal_frames
+            .as_ref()
+            .map_or(0, |f| f.load(Ordering::Relaxed))
+    }
+
+    /// A passive checkpoint on this connection, after a transaction of this session and on
+    /// the same thread: copies what readers allow of the WAL into the database, waiting for
+    /// nobody. Returns the WAL's frames and how many of them are now copied.
+    pub(crate) fn checkpoint_passive(&mut self) -> Result<(i64, i64), StoreError> {
+        let db = match (&self.db, &self.locked) {
+            (Some(db), Some(_)) => db,
+            _ => {
+                return Err(StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_MISUSE),
+                    Some("checkpoint outside a write session".into()),
+                )))
+            }
+        };
+        Ok(checkpointer::passive(db)?)
+    }
+
+    /// Removes the WAL hook and gives SQLite its automatic checkpoints back; the
+    /// connection must be locked or idle.
+    #[allow(unsafe_code)]
+    fn unhook(&mut self) {
+        if let (Some(db), true) = (&self.db, std::mem::take(&mut self.hooked)) {
+            // SAFETY: `db` is this session's open handle, locked or idle (see the callers).
+            unsafe {
+                rusqlite::ffi::sqlite3_wal_autocheckpoint(
+                    db.handle(),
+                    self.checkpoint_pages as std::ffi::c_int,
+                );
+            }
+        }
+    }
+
     /// Copies the whole WAL into the database and truncates the WAL file to zero bytes,
     /// waiting (up to the busy timeout) for readers of older snapshots to finish.
     pub(crate) async fn truncate_wal(&mut self) -> Result<Checkpoint, StoreError> {
@@ -285,6 +355,7 @@ impl WriteSession {
             // then it is unlocked; if the worker thread is gone, so is the connection.
             let _ = self.lock().await;
             self.restore_sync();
+            self.unhook();
             self.db = None;
         }
         self.unlock();
@@ -300,12 +371,27 @@ impl Drop for WriteSession {
     /// locked or its worker thread idles (nobody else has the connection), then the lock.
     fn drop(&mut self) {
         self.restore_sync();
+        self.unhook();
         self.db = None;
         self.unlock();
         if self.broken {
             self.pooled.close_on_drop();
         }
     }
+}
+
+/// SQLite's WAL hook while a [`WriteSession`] counts frames: notes the WAL's length after
+/// each commit, and checkpoints nothing.
+#[allow(unsafe_code)]
+unsafe extern "C" fn note_wal_frames(
+    frames_out: *mut std::ffi::c_void,
+    _db: *mut rusqlite::ffi::sqlite3,
+    _schema: *const std::ffi::c_char,
+    frames: std::ffi::c_int,
+) -> std::ffi::c_int {
+    // SAFETY: installed with a pointer to the session's boxed counter, alive while hooked.
+    unsafe { &*frames_out.cast::<AtomicI64>() }.store(frames.into(), Ordering::Relaxed);
+    rusqlite::ffi::SQLITE_OK
 }
 
 /// What a `wal_checkpoint(TRUNCATE)` achieved.
@@ -320,8 +406,9 @@ pub enum Checkpoint {
 impl Store {
     /// Opens (creating if needed) and migrates the database at `url`.
     ///
-    /// SQLite checkpoints by itself whenever the WAL holds half of `wal_max_bytes`;
-    /// the [`writer`] forces a checkpoint if it ever grows past all of it.
+    /// The WAL is checkpointed whenever it holds half of `wal_max_bytes` (beside the
+    /// [`writer`], or by SQLite itself after other writers' commits); the writer forces a
+    /// checkpoint if it ever grows past all of it.
     pub async fn open(
         url: &str,
         synchronous: Synchronous,
@@ -399,6 +486,7 @@ impl Store {
             path,
             wal_path: wal_path.into(),
             wal_max_bytes,
+            checkpoint_pages: checkpoint_pages as i64,
             synchronous,
         })
     }
@@ -416,6 +504,11 @@ impl Store {
     /// How durable a commit is made (`--synchronous`).
     pub fn synchronous(&self) -> Synchronous {
         self.synchronous
+    }
+
+    /// SQLite's automatic checkpoint interval, in WAL frames (half of `wal_max_bytes`).
+    pub(crate) fn checkpoint_pages(&self) -> i64 {
+        self.checkpoint_pages
     }
 
     /// The size the WAL file should stay under.
@@ -440,6 +533,9 @@ impl Store {
             broken: false,
             full: self.synchronous == Synchronous::Full,
             unsynced: false,
+            wal_frames: None,
+            hooked: false,
+            checkpoint_pages: self.checkpoint_pages,
         })
     }
 

@@ -8,10 +8,11 @@
 //!
 //! A failed commit (disk full, I/O error) answers every job in its batch with a
 //! failure and nothing else: the next batch starts afresh, so writing resumes by
-//! itself once the fault clears. The writer also keeps the WAL small: when it has been
-//! idle for a moment it checkpoints and truncates the WAL (giving a burst's space back),
-//! and if readers ever keep SQLite's own checkpoints from restarting the WAL until it
-//! outgrows its limit, it forces a checkpoint that waits for them.
+//! itself once the fault clears. The writer also keeps the WAL small: checkpoints run
+//! beside it (`checkpointer.rs`); when it has been idle for a moment it checkpoints and
+//! truncates the WAL (giving a burst's space back), and if readers ever keep checkpoints
+//! from restarting the WAL until it outgrows its limit, it forces a checkpoint that waits
+//! for them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::checkpointer::{Checkpointer, Step};
 use super::commands::{CommandOp, CommandOutcome};
 use super::sessions::{record_ends, record_starts, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
@@ -308,9 +310,13 @@ async fn run(
     // Something was committed since the WAL was last truncated.
     let mut wal_dirty = false;
     let mut next_forced = Instant::now();
+    // Checkpoints run beside the writer, not inside its commits.
+    let mut background =
+        Checkpointer::start(store.path(), store.synchronous(), store.checkpoint_pages());
     let mut held = Held {
         store: &store,
         session: None,
+        count_wal_frames: background.is_some(),
     };
     loop {
         let idle_checkpoint = wal_dirty.then_some(config.idle_checkpoint);
@@ -406,6 +412,15 @@ async fn run(
             }
         };
         answer(answers, ok, events);
+        if let (true, Some(background), Some(session)) =
+            (ok, &mut background, held.session.as_mut())
+        {
+            if background.after_commit(session.wal_frames()) == Step::CopyTail {
+                if let Err(error) = session.checkpoint_passive() {
+                    tracing::warn!(%error, "WAL checkpoint of the tail failed");
+                }
+            }
+        }
         if ok {
             wal_dirty = true;
             // SQLite's passive checkpoints cannot restart a WAL that readers are still in;
@@ -511,12 +526,18 @@ async fn next_or_idle(queues: &mut Queues, idle: Option<Duration>) -> Option<Opt
 struct Held<'s> {
     store: &'s Store,
     session: Option<WriteSession>,
+    /// Sessions leave checkpoints to the [`Checkpointer`] (see [`WriteSession::count_wal_frames`]).
+    count_wal_frames: bool,
 }
 
 impl Held<'_> {
     async fn get(&mut self) -> Result<&mut WriteSession, StoreError> {
         if self.session.is_none() {
-            self.session = Some(self.store.write_session().await?);
+            let mut session = self.store.write_session().await?;
+            if self.count_wal_frames {
+                session.count_wal_frames();
+            }
+            self.session = Some(session);
         }
         Ok(self.session.as_mut().expect("set above"))
     }
@@ -917,6 +938,31 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(rows, 1);
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    /// Checkpoints run beside the writer: a stream of commits many times the WAL's limit
+    /// keeps the WAL file under it, with no forced checkpoint, and every row is stored.
+    #[tokio::test]
+    async fn checkpoints_beside_the_writer_keep_the_wal_under_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 1024 * 1024;
+        let (store, writer, task) = writer_on(dir.path(), limit, Duration::from_secs(3600)).await;
+        let data = format!(r#"{{"pad":"{}"}}"#, "z".repeat(3000));
+        let mut peak = 0;
+        for n in 0..800 {
+            let (j, rx) = job(7, &format!("m{n}"), &[(Some(n), data.as_str())]);
+            writer.submit(j).await.unwrap();
+            assert!(rx.await.unwrap());
+            peak = peak.max(store.wal_bytes());
+        }
+        assert!(
+            peak > limit / 2,
+            "the WAL reached its interval ({peak} bytes)"
+        );
+        assert!(peak <= limit, "the WAL grew to {peak} bytes");
+        assert_eq!(stored(&store, 7).await.len(), 800);
         drop(writer);
         task.await.unwrap();
     }
