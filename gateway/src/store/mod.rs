@@ -318,17 +318,26 @@ impl WriteSession {
         Ok(checkpointer::passive(db)?)
     }
 
-    /// Removes the WAL hook and gives SQLite its automatic checkpoints back; the
-    /// connection must be locked or idle.
+    /// Removes the WAL hook and gives SQLite its automatic checkpoints back.
     #[allow(unsafe_code)]
     fn unhook(&mut self) {
-        if let (Some(db), true) = (&self.db, std::mem::take(&mut self.hooked)) {
-            // SAFETY: `db` is this session's open handle, locked or idle (see the callers).
-            unsafe {
+        if !std::mem::take(&mut self.hooked) {
+            return;
+        }
+        match (&self.db, &self.locked) {
+            // SAFETY: `db` is this session's open handle, locked out of its worker thread.
+            (Some(db), Some(_)) => unsafe {
                 rusqlite::ffi::sqlite3_wal_autocheckpoint(
                     db.handle(),
                     self.checkpoint_pages as std::ffi::c_int,
                 );
+            },
+            // Not locked (its worker thread gone, or dropped mid-truncation): the hook cannot
+            // be removed from here, so its counter is leaked rather than freed under it, and
+            // the connection is closed instead of going back to the pool without checkpoints.
+            _ => {
+                std::mem::forget(self.wal_frames.take());
+                self.broken = true;
             }
         }
     }
