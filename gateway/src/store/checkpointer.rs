@@ -34,6 +34,9 @@ use crate::metrics::METRICS;
 
 /// After a pass that copied nothing new (readers held it back), how long before another.
 const REST: Duration = Duration::from_millis(100);
+/// After a failed pass or tail (say, no room for the database file to grow), how long
+/// before another: each failure is logged.
+const REST_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// A passive checkpoint: the WAL's frames and how many of them are now in the database.
 pub(crate) fn passive(db: &Connection) -> rusqlite::Result<(i64, i64)> {
@@ -175,8 +178,10 @@ impl Checkpointer {
             .take();
         if let Some((_, copied)) = pass.filter(|&(wal, _)| wal == self.wal) {
             // A pass that failed or copied nothing new is not repeated at once.
-            if copied.is_none() || copied == self.copied {
-                self.rest_until = Some(Instant::now() + REST);
+            match copied {
+                None => self.rest(REST_AFTER_FAILURE),
+                Some(_) if copied == self.copied => self.rest(REST),
+                Some(_) => {}
             }
             self.copied = copied.filter(|&c| c <= frames);
         }
@@ -202,6 +207,17 @@ impl Checkpointer {
                 Step::Nothing
             }
         }
+    }
+}
+
+impl Checkpointer {
+    /// The writer's copy of the tail failed: no pass or tail for a while.
+    pub(crate) fn tail_failed(&mut self) {
+        self.rest(REST_AFTER_FAILURE);
+    }
+
+    fn rest(&mut self, pause: Duration) {
+        self.rest_until = Some(Instant::now() + pause);
     }
 }
 
@@ -271,13 +287,22 @@ mod tests {
         std::thread::sleep(REST + Duration::from_millis(10));
         assert_eq!(background.after_commit(77), Step::Nothing);
         assert_eq!(requests.try_recv(), Ok(1));
-        // Nor is one that failed.
-        pass_ends(1, None);
-        assert_eq!(background.after_commit(78), Step::Nothing);
-        assert!(requests.try_recv().is_err());
         // Past one and a half intervals, the writer copies whatever is left.
-        std::thread::sleep(REST + Duration::from_millis(10));
+        pass_ends(1, Some(20));
         assert_eq!(background.after_commit(96), Step::CopyTail);
+        assert!(requests.try_recv().is_err());
+        // A failed pass, or a failed tail, rests longer.
+        assert_eq!(background.after_commit(5), Step::Nothing);
+        assert_eq!(background.after_commit(64), Step::Nothing);
+        assert_eq!(requests.try_recv(), Ok(2));
+        pass_ends(2, None);
+        assert_eq!(background.after_commit(70), Step::Nothing);
+        std::thread::sleep(REST + Duration::from_millis(10));
+        assert_eq!(background.after_commit(100), Step::Nothing);
+        assert!(requests.try_recv().is_err());
+        background.rest_until = None;
+        background.tail_failed();
+        assert_eq!(background.after_commit(101), Step::Nothing);
         assert!(requests.try_recv().is_err());
     }
 

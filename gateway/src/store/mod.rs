@@ -329,7 +329,7 @@ impl WriteSession {
             (Some(db), Some(_)) => unsafe {
                 rusqlite::ffi::sqlite3_wal_autocheckpoint(
                     db.handle(),
-                    self.checkpoint_pages as std::ffi::c_int,
+                    self.checkpoint_pages.min(std::ffi::c_int::MAX.into()) as std::ffi::c_int,
                 );
             },
             // Not locked (its worker thread gone, or dropped mid-truncation): the hook cannot

@@ -418,6 +418,7 @@ async fn run(
             if background.after_commit(session.wal_frames()) == Step::CopyTail {
                 if let Err(error) = session.checkpoint_passive() {
                     tracing::warn!(%error, "WAL checkpoint of the tail failed");
+                    background.tail_failed();
                 }
             }
         }
