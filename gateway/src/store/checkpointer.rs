@@ -245,6 +245,16 @@ mod tests {
         }
     }
 
+    /// A commit leaving `frames` in the WAL: the writer's step, and the pass it started.
+    fn commit(
+        background: &mut Checkpointer,
+        passes: &mpsc::Receiver<u64>,
+        frames: i64,
+    ) -> (Step, Option<u64>) {
+        let step = background.after_commit(frames);
+        (step, passes.try_recv().ok())
+    }
+
     /// When passes start, when the writer copies the tail, and which passes count.
     #[test]
     fn passes_then_the_tail_after_the_commits() {
@@ -255,51 +265,43 @@ mod tests {
             *shared.done.lock().unwrap() = Some((wal, copied));
             shared.running.store(false, Ordering::Release);
         };
-        // Below the interval, nothing; at it, a pass over the first WAL.
-        assert_eq!(background.after_commit(40), Step::Nothing);
-        assert!(requests.try_recv().is_err());
-        assert_eq!(background.after_commit(64), Step::Nothing);
-        assert_eq!(requests.try_recv(), Ok(0));
-        // Nothing more while it runs.
-        assert_eq!(background.after_commit(70), Step::Nothing);
-        assert!(requests.try_recv().is_err());
+        let (nothing, tail) = ((Step::Nothing, None), (Step::CopyTail, None));
+        let pass_over = |wal| (Step::Nothing, Some(wal));
+        let mut after = |frames| commit(&mut background, &requests, frames);
+        // Below the interval, nothing; at it, a pass over the first WAL; nothing more while
+        // it runs.
+        assert_eq!(after(40), nothing);
+        assert_eq!(after(64), pass_over(0));
+        assert_eq!(after(70), nothing);
         // It left more than the tail (8 frames) behind: another pass.
         pass_ends(0, Some(64));
-        assert_eq!(background.after_commit(76), Step::Nothing);
-        assert_eq!(requests.try_recv(), Ok(0));
+        assert_eq!(after(76), pass_over(0));
         // That one left a tail: the writer copies it.
         pass_ends(0, Some(76));
-        assert_eq!(background.after_commit(80), Step::CopyTail);
-        assert!(requests.try_recv().is_err());
+        assert_eq!(after(80), tail);
         // The WAL restarts; a pass over the old one that ends late counts for nothing.
-        assert_eq!(background.after_commit(3), Step::Nothing);
+        assert_eq!(after(3), nothing);
         pass_ends(0, Some(70));
-        assert_eq!(background.after_commit(72), Step::Nothing);
-        assert_eq!(requests.try_recv(), Ok(1));
+        assert_eq!(after(72), pass_over(1));
         // A pass that copies nothing new (readers hold the frames) is not repeated at once.
         pass_ends(1, Some(10));
-        assert_eq!(background.after_commit(74), Step::Nothing);
-        assert_eq!(requests.try_recv(), Ok(1));
+        assert_eq!(after(74), pass_over(1));
         pass_ends(1, Some(10));
-        assert_eq!(background.after_commit(75), Step::Nothing);
-        assert_eq!(background.after_commit(76), Step::Nothing);
-        assert!(requests.try_recv().is_err());
+        assert_eq!(after(75), nothing);
+        assert_eq!(after(76), nothing);
         std::thread::sleep(REST + Duration::from_millis(10));
-        assert_eq!(background.after_commit(77), Step::Nothing);
-        assert_eq!(requests.try_recv(), Ok(1));
+        assert_eq!(after(77), pass_over(1));
         // Past one and a half intervals, the writer copies whatever is left.
         pass_ends(1, Some(20));
-        assert_eq!(background.after_commit(96), Step::CopyTail);
-        assert!(requests.try_recv().is_err());
-        // A failed pass, or a failed tail, rests longer.
-        assert_eq!(background.after_commit(5), Step::Nothing);
-        assert_eq!(background.after_commit(64), Step::Nothing);
-        assert_eq!(requests.try_recv(), Ok(2));
+        assert_eq!(after(96), tail);
+        // A failed pass rests longer.
+        assert_eq!(after(5), nothing);
+        assert_eq!(after(64), pass_over(2));
         pass_ends(2, None);
-        assert_eq!(background.after_commit(70), Step::Nothing);
+        assert_eq!(after(70), nothing);
         std::thread::sleep(REST + Duration::from_millis(10));
-        assert_eq!(background.after_commit(100), Step::Nothing);
-        assert!(requests.try_recv().is_err());
+        assert_eq!(after(100), nothing);
+        // So does a failed tail.
         background.rest_until = None;
         background.tail_failed();
         assert_eq!(background.after_commit(101), Step::Nothing);
