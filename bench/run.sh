@@ -573,8 +573,8 @@ done
 R[fsync.after]=$(fsync_probe)
 
 # --- the table ------------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", a / b; else print "-" }'; }
-ratio4() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.4f", a / b; else print "-" }'; }
+# ratio A B [DECIMALS]: A / B to 2 decimals (or DECIMALS), "-" without both.
+ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%." d "f", a / b; else print "-" }'; }
 row() { printf '%-50s | %10s | %10s | %10s | %9s | %9s\n' "$@"; }
 cell() { printf '%s' "${R[$1]:--}"; }
 line3() { # LABEL KEY: ours, node, mosquitto and the ratios
@@ -651,20 +651,20 @@ target() {
 echo
 echo "-- targets (issue 7)"
 if has "$SCENARIOS" ingest; then
-    target "ingest FULL: ours/node msgs/s >= 2" "$(ratio4 "$(cell ingest_full.msgs.ours)" "$(cell ingest_full.msgs.node)")" "v >= 2"
-    target "ingest NORMAL: ours/node msgs/s >= 2" "$(ratio4 "$(cell ingest_normal.msgs.ours)" "$(cell ingest_normal.msgs.node)")" "v >= 2"
-    target "ingest FULL: ours/mosquitto msgs/s >= 1" "$(ratio4 "$(cell ingest_full.msgs.ours)" "$(cell ingest_full.msgs.mosquitto)")" "v >= 1"
+    target "ingest FULL: ours/node msgs/s >= 2" "$(ratio "$(cell ingest_full.msgs.ours)" "$(cell ingest_full.msgs.node)" 4)" "v >= 2"
+    target "ingest NORMAL: ours/node msgs/s >= 2" "$(ratio "$(cell ingest_normal.msgs.ours)" "$(cell ingest_normal.msgs.node)" 4)" "v >= 2"
+    target "ingest FULL: ours/mosquitto msgs/s >= 1" "$(ratio "$(cell ingest_full.msgs.ours)" "$(cell ingest_full.msgs.mosquitto)" 4)" "v >= 1"
 fi
 if has "$SCENARIOS" idle; then
     target "idle: KiB per connection <= 16" "$(cell rss_per_conn.ours)" "v <= 16"
-    target "idle: ours/node KiB per connection <= 0.25" "$(ratio4 "$(cell rss_per_conn.ours)" "$(cell rss_per_conn.node)")" "v <= 0.25"
-    target "idle: ours/node time to connect <= 1/3" "$(ratio4 "$(cell connect_s.ours)" "$(cell connect_s.node)")" "v <= 1/3"
+    target "idle: ours/node KiB per connection <= 0.25" "$(ratio "$(cell rss_per_conn.ours)" "$(cell rss_per_conn.node)" 4)" "v <= 0.25"
+    target "idle: ours/node time to connect <= 1/3" "$(ratio "$(cell connect_s.ours)" "$(cell connect_s.node)" 4)" "v <= 1/3"
 fi
 if has "$SCENARIOS" commands; then
     target "commands, no background: p99 ms <= 3" "$(cell cmd_none.p99.ours)" "v <= 3"
-    target "commands, no background: ours/node p99 <= 0.3" "$(ratio4 "$(cell cmd_none.p99.ours)" "$(cell cmd_none.p99.node)")" "v <= 0.3"
+    target "commands, no background: ours/node p99 <= 0.3" "$(ratio "$(cell cmd_none.p99.ours)" "$(cell cmd_none.p99.node)" 4)" "v <= 0.3"
     target "commands + telemetry: p99 ms <= 3" "$(cell cmd_bg.p99.ours)" "v <= 3"
-    target "commands + telemetry: ours/node p99 <= 0.3" "$(ratio4 "$(cell cmd_bg.p99.ours)" "$(cell cmd_bg.p99.node)")" "v <= 0.3"
+    target "commands + telemetry: ours/node p99 <= 0.3" "$(ratio "$(cell cmd_bg.p99.ours)" "$(cell cmd_bg.p99.node)" 4)" "v <= 0.3"
 fi
 if has "$SCENARIOS" storm; then
     target "storm: all $FLEET_DEVICES online within 10 s of the restart" "$(cell storm_from_start.ours)" "v <= 10"
