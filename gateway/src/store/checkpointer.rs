@@ -20,7 +20,6 @@
 //! nothing new is not repeated for [`REST`], and the writer's forced checkpoint at the
 //! WAL's limit (see [`writer`](super::writer)) is still there for them.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -29,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::Store;
 use crate::config::Synchronous;
 use crate::metrics::METRICS;
 
@@ -85,15 +85,15 @@ pub(crate) struct Checkpointer {
 impl Checkpointer {
     /// Opens a connection of its own to the database file and starts the thread; `None`
     /// (SQLite then checkpoints in the writer as usual) if that fails.
-    pub(crate) fn start(path: &Path, synchronous: Synchronous, interval: i64) -> Option<Self> {
+    pub(crate) fn start(store: &Store) -> Option<Self> {
         let db = Connection::open_with_flags(
-            path,
+            store.path(),
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .and_then(|db| {
             // A checkpoint syncs the WAL before it copies and the database after, at
             // either level; never less than the store's own.
-            db.execute_batch(match synchronous {
+            db.execute_batch(match store.synchronous() {
                 Synchronous::Full => "PRAGMA synchronous=FULL",
                 Synchronous::Normal => "PRAGMA synchronous=NORMAL",
             })?;
@@ -136,7 +136,7 @@ impl Checkpointer {
             Some(passes),
             shared,
             Some(thread),
-            interval,
+            store.checkpoint_pages(),
         ))
     }
 
@@ -234,7 +234,6 @@ impl Drop for Checkpointer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
 
     impl Checkpointer {
         /// Waits for the pass in progress, if any, to end.
@@ -320,8 +319,7 @@ mod tests {
             .unwrap();
         let interval = store.checkpoint_pages();
         assert_eq!(interval, 64);
-        let mut background =
-            Checkpointer::start(store.path(), Synchronous::Full, interval).expect("started");
+        let mut background = Checkpointer::start(&store).expect("started");
         let mut session = store.write_session().await.unwrap();
         session.count_wal_frames();
         session

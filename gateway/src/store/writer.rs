@@ -311,8 +311,7 @@ async fn run(
     let mut wal_dirty = false;
     let mut next_forced = Instant::now();
     // Checkpoints run beside the writer, not inside its commits.
-    let mut background =
-        Checkpointer::start(store.path(), store.synchronous(), store.checkpoint_pages());
+    let mut background = Checkpointer::start(&store);
     let mut held = Held {
         store: &store,
         session: None,
