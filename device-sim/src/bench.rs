@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
@@ -423,6 +423,15 @@ pub fn bench_message(id: &str, ts: &str, seq: u64, target: usize) -> String {
     )
 }
 
+/// What a device under load does after a frame.
+enum Flow {
+    Go,
+    /// The gateway answered with an `error`: pause sending.
+    Pause,
+    /// The connection is over.
+    End,
+}
+
 /// One device under load.
 struct LoadedDevice {
     id: String,
@@ -450,7 +459,7 @@ impl LoadedDevice {
 
         sleep_until(self.plan.start).await;
         let mut healthy = true;
-        loop {
+        'run: loop {
             if sending && !paused {
                 if let Err(e) = self.fill(&mut ws, &mut pending, &mut next_seq).await {
                     self.tally
@@ -464,31 +473,23 @@ impl LoadedDevice {
             }
             tokio::select! {
                 frame = ws.next() => {
-                    let now = Instant::now();
-                    match frame {
-                        Some(Ok(Message::Text(text))) => {
-                            if self.on_text(&text, &prefix, &mut pending, now) {
+                    // Frames that arrived together (a batch of acks) are all taken before the
+                    // next fill, so the messages they make room for go out in one write.
+                    let mut frame = Some(frame);
+                    while let Some(this) = frame {
+                        let now = Instant::now();
+                        match self.on_frame(this, &prefix, &mut pending, now) {
+                            Flow::Go => {}
+                            Flow::Pause => {
                                 paused = true;
                                 pause.as_mut().reset(now + ERROR_PAUSE);
                             }
+                            Flow::End => {
+                                healthy = false;
+                                break 'run;
+                            }
                         }
-                        Some(Ok(Message::Close(frame))) => {
-                            let code = conn::close_code_of(&frame).unwrap_or(1005);
-                            self.tally.record(&format!("closed: {code}"), format!("{} closed by the gateway mid-benchmark", self.id));
-                            healthy = false;
-                            break;
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => {
-                            self.tally.record("connection lost", format!("{}: {e}", self.id));
-                            healthy = false;
-                            break;
-                        }
-                        None => {
-                            self.tally.record("connection lost", format!("{}: closed without a close frame", self.id));
-                            healthy = false;
-                            break;
-                        }
+                        frame = ws.next().now_or_never();
                     }
                 }
                 _ = &mut window_end, if sending => sending = false,
@@ -512,17 +513,60 @@ impl LoadedDevice {
         pending: &mut Vec<(u64, Instant)>,
         next_seq: &mut u64,
     ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        if pending.len() >= self.inflight {
+            return Ok(());
+        }
         while pending.len() < self.inflight {
             let seq = *next_seq;
             *next_seq += 1;
             let id = proto::message_id(&self.id, self.boot, seq);
             let text = bench_message(&id, &proto::now_rfc3339(), seq, self.payload_bytes);
             let sent_at = Instant::now();
-            ws.send(Message::text(text)).await?;
+            ws.feed(Message::text(text)).await?;
             pending.push((seq, sent_at));
             self.report.sent += 1;
         }
-        Ok(())
+        // One write for all of them (as a device with a backlog sends it).
+        ws.flush().await
+    }
+
+    /// Handles what the socket gave: a frame, an error or its end.
+    fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+        prefix: &str,
+        pending: &mut Vec<(u64, Instant)>,
+        now: Instant,
+    ) -> Flow {
+        match frame {
+            Some(Ok(Message::Text(text))) => {
+                if self.on_text(&text, prefix, pending, now) {
+                    return Flow::Pause;
+                }
+                Flow::Go
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let code = conn::close_code_of(&frame).unwrap_or(1005);
+                self.tally.record(
+                    &format!("closed: {code}"),
+                    format!("{} closed by the gateway mid-benchmark", self.id),
+                );
+                Flow::End
+            }
+            Some(Ok(_)) => Flow::Go,
+            Some(Err(e)) => {
+                self.tally
+                    .record("connection lost", format!("{}: {e}", self.id));
+                Flow::End
+            }
+            None => {
+                self.tally.record(
+                    "connection lost",
+                    format!("{}: closed without a close frame", self.id),
+                );
+                Flow::End
+            }
+        }
     }
 
     /// Handles one text frame; true when the gateway answered with an `error`.

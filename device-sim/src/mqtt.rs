@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -286,7 +286,7 @@ impl Publisher {
 
         sleep_until(self.plan.start).await;
         let mut healthy = true;
-        loop {
+        'run: loop {
             if sending {
                 let filled = self
                     .fill(&mut ws, &mut pending, &mut ids, &mut next_seq)
@@ -303,39 +303,15 @@ impl Publisher {
             }
             tokio::select! {
                 frame = ws.next() => {
-                    let now = Instant::now();
-                    let ended = match frame {
-                        Some(Ok(Message::Binary(frame))) => {
-                            let mut closed = false;
-                            let fed = inbox.feed(&frame, |packet| {
-                                closed |= self.on_packet(packet, &mut pending, now);
-                            });
-                            match fed {
-                                Err(e) => {
-                                    self.tally.record("malformed packet from the broker", format!("{}: {e}", self.id));
-                                    true
-                                }
-                                Ok(()) => closed,
-                            }
+                    // Frames that arrived together (a batch of PUBACKs) are all taken before
+                    // the next fill, so the publishes they make room for go out in one write.
+                    let mut frame = Some(frame);
+                    while let Some(this) = frame {
+                        if self.on_frame(this, &mut inbox, &mut pending, Instant::now()) {
+                            healthy = false;
+                            break 'run;
                         }
-                        Some(Ok(Message::Close(frame))) => {
-                            let code = conn::close_code_of(&frame).unwrap_or(1005);
-                            self.tally.record("closed by the broker", format!("{} closed mid-benchmark (close code {code})", self.id));
-                            true
-                        }
-                        Some(Ok(_)) => false,
-                        Some(Err(e)) => {
-                            self.tally.record("connection lost", format!("{}: {e}", self.id));
-                            true
-                        }
-                        None => {
-                            self.tally.record("connection lost", format!("{}: closed without a close frame", self.id));
-                            true
-                        }
-                    };
-                    if ended {
-                        healthy = false;
-                        break;
+                        frame = ws.next().now_or_never();
                     }
                 }
                 _ = &mut window_end, if sending => sending = false,
@@ -367,6 +343,9 @@ impl Publisher {
         ids: &mut PacketIds,
         next_seq: &mut u64,
     ) -> Result<(), tungstenite::Error> {
+        if pending.len() >= self.inflight {
+            return Ok(());
+        }
         while pending.len() < self.inflight {
             let seq = *next_seq;
             *next_seq += 1;
@@ -380,11 +359,61 @@ impl Publisher {
                 payload: text.as_bytes(),
             };
             let sent_at = Instant::now();
-            ws.send(Message::binary(publish.to_vec())).await?;
+            ws.feed(Message::binary(publish.to_vec())).await?;
             pending.push((pkid, sent_at));
             self.report.sent += 1;
         }
-        Ok(())
+        // One write for all of them.
+        ws.flush().await
+    }
+
+    /// Handles what the socket gave (a frame, an error or its end); true when the session ended.
+    fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, tungstenite::Error>>,
+        inbox: &mut Inbox,
+        pending: &mut Vec<(u16, Instant)>,
+        now: Instant,
+    ) -> bool {
+        match frame {
+            Some(Ok(Message::Binary(frame))) => {
+                let mut closed = false;
+                let fed = inbox.feed(&frame, |packet| {
+                    closed |= self.on_packet(packet, pending, now);
+                });
+                match fed {
+                    Err(e) => {
+                        self.tally.record(
+                            "malformed packet from the broker",
+                            format!("{}: {e}", self.id),
+                        );
+                        true
+                    }
+                    Ok(()) => closed,
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let code = conn::close_code_of(&frame).unwrap_or(1005);
+                self.tally.record(
+                    "closed by the broker",
+                    format!("{} closed mid-benchmark (close code {code})", self.id),
+                );
+                true
+            }
+            Some(Ok(_)) => false,
+            Some(Err(e)) => {
+                self.tally
+                    .record("connection lost", format!("{}: {e}", self.id));
+                true
+            }
+            None => {
+                self.tally.record(
+                    "connection lost",
+                    format!("{}: closed without a close frame", self.id),
+                );
+                true
+            }
+        }
     }
 
     /// Handles one packet from the broker; true when the broker ended the session.
