@@ -154,11 +154,11 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Synchronous;
 
-    fn start(sid: &str, pk: i64, at: i64) -> SessionStart {
+    pub(crate) fn start(sid: &str, pk: i64, at: i64) -> SessionStart {
         SessionStart {
             session_id: sid.into(),
             device_pk: pk,

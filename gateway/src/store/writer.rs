@@ -786,7 +786,7 @@ mod tests {
     }
 
     /// A session start waits for more (a crowd of devices connecting shares one commit);
-    /// any other job ends the wait by joining the batch.
+    /// telemetry arriving meanwhile ends the wait by joining the batch.
     #[tokio::test]
     async fn session_starts_wait_for_company() {
         let (_dir, store) = crate::store::tests::open(Synchronous::Full).await;
@@ -797,13 +797,7 @@ mod tests {
         let (writer, task) = spawn_writer(&store, Duration::from_secs(3600));
         let start = |sid: &str| {
             let (done, recorded) = oneshot::channel();
-            let start = SessionStart {
-                session_id: sid.into(),
-                device_pk: device.pk,
-                connected_at: 1,
-                remote_addr: "127.0.0.1:1".into(),
-                auth: "token",
-            };
+            let start = super::super::sessions::tests::start(sid, device.pk, 1);
             (WriteJob::SessionStart(start, done), recorded)
         };
         // The writer's first commit also sets its connection up: out of the way first.
