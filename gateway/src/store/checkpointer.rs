@@ -208,9 +208,7 @@ impl Checkpointer {
             }
         }
     }
-}
 
-impl Checkpointer {
     /// The writer's copy of the tail failed: no pass or tail for a while.
     pub(crate) fn tail_failed(&mut self) {
         self.rest(REST_AFTER_FAILURE);

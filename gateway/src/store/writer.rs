@@ -84,6 +84,11 @@ impl WriteJob {
         matches!(self, WriteJob::Command(CommandOp::Delivered { .. }, _))
     }
 
+    /// A device's connection starting, to be recorded before it is welcomed.
+    fn is_start(&self) -> bool {
+        matches!(self, WriteJob::SessionStart(..))
+    }
+
     fn is_early(&self) -> bool {
         matches!(self, WriteJob::Command(_, Reply::Early(..)))
     }
@@ -348,7 +353,7 @@ async fn run(
         // A batch takes from its first job's queue only.
         let commands = matches!(first, WriteJob::Command(..));
         let mut receipts_only = first.is_receipt();
-        let mut starts_only = matches!(first, WriteJob::SessionStart(..));
+        let mut starts_only = first.is_start();
         let rx = queues.of(&first);
         batch.push(first);
         let now = Instant::now();
@@ -381,7 +386,7 @@ async fn run(
             };
             let Some(job) = next else { break };
             receipts_only &= job.is_receipt();
-            starts_only &= matches!(job, WriteJob::SessionStart(..));
+            starts_only &= job.is_start();
             rows += job.rows();
             batch.push(job);
         }
