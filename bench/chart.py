@@ -54,7 +54,7 @@ def find(rows, prefix, title):
             if label.startswith("idle ") and "seconds to connect" in label:
                 return label, values
             continue
-        if prefix == "commands + " and not (label.startswith("commands + ") and label.endswith("p99 ms")):
+        if prefix == "commands + " and not (label.startswith("commands + ") and label.endswith(": p99 ms")):
             continue
         if label.startswith(prefix):
             return label, values

@@ -141,6 +141,9 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 # utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
 cpu_ticks() { sed -E 's/^.*\) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+# The whole machine's busy and total clock ticks, all CPUs together (/proc/stat; time stolen by
+# the host counts in the total, not as busy).
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat; }
 CLK_TCK=$(getconf CLK_TCK)
 json_field() { grep -oE "\"$2\":[-0-9.eE+]+" "$1" | head -n1 | cut -d: -f2; }
 new_key() { head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
@@ -370,8 +373,24 @@ commands() {
         --concurrency "$CMD_CONCURRENCY" --wait-s "$CMD_WAIT_S" --json "$@") >"$out.json" 2>"$out.log" &
     pid=$!
     RUNNING[$pid]="device-sim ($key)"
+    # CPU from when the commands start (the devices online, the background warmed up) until
+    # device-sim exits: the server's, and the whole machine's (every process, the load
+    # generator's included), to read the latencies by.
+    local c0 c1 m0 m1 t0 t1
+    wait_for_line "$out.log" 'devices online at' 120 "$pid"
+    if [[ $* == *--background-devices* ]]; then
+        wait_for_line "$out.log" 'of warm-up' 120 "$pid"
+        sleep 2  # bench-commands' default --background-warmup
+    fi
+    c0=$(cpu_ticks "${S[$sys.pid]}") m0=$(machine_ticks) t0=$(now)
     wait_for_exit "$pid" 600
+    c1=$(cpu_ticks "${S[$sys.pid]}") m1=$(machine_ticks) t1=$(now)
     [[ $EXIT_STATUS -eq 0 || $EXIT_STATUS -eq 2 ]] || { tail -n 20 "$out.log" >&2; die "commands $key: device-sim failed ($EXIT_STATUS)"; }
+    R[$name.cpu_share.$sys]=$(awk -v t=$((c1 - c0)) -v hz="$CLK_TCK" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", t / hz / (b - a) }')
+    R[$name.machine.$sys]=$(awk -v m0="$m0" -v m1="$m1" -v n="$(nproc)" \
+        'BEGIN { split(m0, x, " "); split(m1, y, " "); printf "%.2f", (y[1] - x[1]) / (y[2] - x[2]) * n }')
+    R[$name.gw_p50.$sys]=$(json_field "$out.json" gateway_p50_ms)
+    R[$name.gw_p99.$sys]=$(json_field "$out.json" gateway_p99_ms)
     R[$name.p50.$sys]=$(json_field "$out.json" p50_ms)
     R[$name.p99.$sys]=$(json_field "$out.json" p99_ms)
     R[$name.errors.$sys]=$(json_field "$out.json" errors)
@@ -608,6 +627,12 @@ if has "$SCENARIOS" commands; then
         line3 "$label: p99 ms" "$k.p99"
         line3 "$label: errors" "$k.errors"
         [[ $k == cmd_bg ]] && line3 "$label: bg acked msgs/s" "$k.bg"
+        # The server's created_at -> completed_at (millisecond timestamps): the part of the
+        # round trip inside it, device included, HTTP and the operator's client not.
+        [[ $k == cmd_bg ]] && line3 "$label: in-server p50 ms" "$k.gw_p50"
+        [[ $k == cmd_bg ]] && line3 "$label: in-server p99 ms" "$k.gw_p99"
+        line3 "$label: server cores" "$k.cpu_share"
+        line3 "$label: machine cores" "$k.machine"
     done
 fi
 if has "$SCENARIOS" idle; then
