@@ -58,6 +58,8 @@ CMD_DEVICES=${CMD_DEVICES:-100}
 CMD_CONCURRENCY=${CMD_CONCURRENCY:-1}
 CMD_WAIT_S=${CMD_WAIT_S:-10}
 BG_DEVICES=${BG_DEVICES:-100}
+# Seconds the background streams before the commands start (passed to bench-commands).
+BG_WARMUP=2
 BG_RATE=${BG_RATE:-}
 FLEET_DEVICES=${FLEET_DEVICES:-19000}
 FLEET_PROCESSES=${FLEET_PROCESSES:-4}
@@ -380,7 +382,7 @@ commands() {
     wait_for_line "$out.log" 'devices online at' 120 "$pid"
     if [[ $* == *--background-devices* ]]; then
         wait_for_line "$out.log" 'of warm-up' 120 "$pid"
-        sleep 2  # bench-commands' default --background-warmup
+        sleep "$BG_WARMUP"
     fi
     c0=$(cpu_ticks "${S[$sys.pid]}") m0=$(machine_ticks) t0=$(now)
     wait_for_exit "$pid" 600
@@ -403,7 +405,7 @@ if has "$SCENARIOS" commands; then
         [[ $sys == ours ]] || has "$PEERS" "$sys" || continue
         start "$sys" "$TMP/commands-$sys" full
         commands cmd_none "$sys"
-        commands cmd_bg "$sys" --background-devices "$BG_DEVICES" --background-rate "$BG_RATE"
+        commands cmd_bg "$sys" --background-devices "$BG_DEVICES" --background-rate "$BG_RATE" --background-warmup "${BG_WARMUP}s"
         halt "$sys"
     done
 fi
