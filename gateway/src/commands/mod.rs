@@ -514,7 +514,7 @@ mod tests {
             .await
             .unwrap();
         let waiting = || async {
-            let owner = store.device_by_token(b"hash-of-d1").await.unwrap().unwrap();
+            let owner = store.device_by_token(b"hash-of-d1").unwrap().unwrap();
             owner.commands_waiting
         };
         assert!(!waiting().await, "a new device has no commands waiting");

@@ -273,7 +273,6 @@ where
             let owner = ctx
                 .store
                 .device_by_token(&hash_token(token))
-                .await
                 .map_err(storage_down)?
                 .ok_or(Refusal::unauthorized("unknown or wrong token"))?;
             if certified.is_some_and(|id| id.ok() != Some(owner.id.clone())) {

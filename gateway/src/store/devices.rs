@@ -1,6 +1,7 @@
 //! The device registry table: create, read, update, delete, token hashes.
 
-use sqlx::{FromRow, Row};
+use rusqlite::OptionalExtension;
+use sqlx::FromRow;
 
 use super::{is_unique_violation, Store, StoreError};
 
@@ -171,26 +172,26 @@ impl Store {
         Ok(done)
     }
 
-    /// The device a token hash belongs to.
-    pub async fn device_by_token(
-        &self,
-        token_hash: &[u8],
-    ) -> Result<Option<TokenOwner>, StoreError> {
+    /// The device a token hash belongs to. Asked for every connecting device, so it runs on
+    /// the caller's thread (see [`super::readers`]).
+    pub fn device_by_token(&self, token_hash: &[u8]) -> Result<Option<TokenOwner>, StoreError> {
         // One read answers both questions a connecting device raises: who it is, and whether
         // there are commands to list for it (one database round trip fewer per connection).
-        let row = sqlx::query(
-            "SELECT pk, id, enabled, EXISTS (SELECT 1 FROM commands \
-                 WHERE device_pk = devices.pk AND status IN ('queued', 'sent')) AS waiting \
-             FROM devices WHERE token_hash = ?1",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(|r| TokenOwner {
-            pk: r.get("pk"),
-            id: r.get("id"),
-            enabled: r.get("enabled"),
-            commands_waiting: r.get("waiting"),
-        }))
+        self.readers.read(|db| {
+            db.prepare_cached(
+                "SELECT pk, id, enabled, EXISTS (SELECT 1 FROM commands \
+                     WHERE device_pk = devices.pk AND status IN ('queued', 'sent')) \
+                 FROM devices WHERE token_hash = ?1",
+            )?
+            .query_row([token_hash], |r| {
+                Ok(TokenOwner {
+                    pk: r.get(0)?,
+                    id: r.get(1)?,
+                    enabled: r.get(2)?,
+                    commands_waiting: r.get(3)?,
+                })
+            })
+            .optional()
+        })
     }
 }

@@ -9,6 +9,7 @@
 mod checkpointer;
 pub mod commands;
 pub mod devices;
+mod readers;
 pub mod sessions;
 pub mod telemetry;
 mod wal_vfs;
@@ -72,6 +73,8 @@ pub struct Store {
     /// Writers other than the batching writer waiting for the write connection.
     wanted: Arc<WriteWanted>,
     read: SqlitePool,
+    /// Connections for the lookups that run on the caller's thread (see [`readers`]).
+    readers: Arc<readers::Readers>,
     path: PathBuf,
     wal_path: PathBuf,
     wal_max_bytes: u64,
@@ -492,6 +495,7 @@ impl Store {
             write,
             wanted: Arc::default(),
             read,
+            readers: Arc::new(readers::Readers::new(path.clone())),
             path,
             wal_path: wal_path.into(),
             wal_max_bytes,
