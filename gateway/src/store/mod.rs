@@ -595,6 +595,7 @@ impl Store {
 
     /// Closes both pools, checkpointing the WAL.
     pub async fn close(&self) {
+        self.readers.close();
         self.read.close().await;
         self.write.close().await;
     }

@@ -8,6 +8,7 @@
 //! blocks its thread no longer than the query itself.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 pub(crate) struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Closed with the store: connections are no longer kept, so that the write connection's
+    /// close is the database's last (SQLite then checkpoints the WAL and removes it).
+    closed: AtomicBool,
 }
 
 impl Readers {
@@ -36,7 +40,14 @@ impl Readers {
         Readers {
             path,
             idle: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// Closes the idle connections; later reads close theirs when done.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Runs `work` on an idle connection (a new one if none is idle) and keeps it for the next.
@@ -51,7 +62,7 @@ impl Readers {
         };
         let out = work(&conn)?;
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < KEEP_IDLE {
+        if idle.len() < KEEP_IDLE && !self.closed.load(Ordering::SeqCst) {
             idle.push(conn);
         }
         Ok(out)
@@ -108,5 +119,8 @@ mod tests {
             .read(|db| db.execute("INSERT INTO t VALUES (3)", []))
             .is_err());
         assert_eq!(readers.read(count).unwrap(), 2);
+        readers.close();
+        assert_eq!(readers.read(count).unwrap(), 2);
+        assert!(readers.idle.lock().unwrap().is_empty(), "kept after close");
     }
 }
