@@ -495,7 +495,7 @@ impl Store {
             write,
             wanted: Arc::default(),
             read,
-            readers: Arc::new(readers::Readers::new(path.clone())),
+            readers: Arc::new(readers::Readers::open(path.clone())?),
             path,
             wal_path: wal_path.into(),
             wal_max_bytes,

@@ -36,12 +36,24 @@ pub(crate) struct Readers {
 }
 
 impl Readers {
-    pub(crate) fn new(path: PathBuf) -> Readers {
-        Readers {
+    /// The readers of the database at `path`, with a first connection open and read from: a
+    /// database it cannot read shows at start, and the gateway's open files do not grow when
+    /// the first device connects.
+    pub(crate) fn open(path: PathBuf) -> Result<Readers, StoreError> {
+        let readers = Readers {
             path,
             idle: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
-        }
+        };
+        let first = readers.connect()?;
+        // A first read: it opens the WAL and its index as every later read would.
+        first.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
+        readers
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(first);
+        Ok(readers)
     }
 
     /// Closes the idle connections; later reads close theirs when done.
@@ -58,7 +70,7 @@ impl Readers {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match idle {
             Some(conn) => conn,
-            None => self.open()?,
+            None => self.connect()?,
         };
         let out = work(&conn)?;
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,7 +80,7 @@ impl Readers {
         Ok(out)
     }
 
-    fn open(&self) -> rusqlite::Result<Connection> {
+    fn connect(&self) -> rusqlite::Result<Connection> {
         let conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -92,7 +104,12 @@ mod tests {
                 "PRAGMA journal_mode=WAL; CREATE TABLE t (v INTEGER); INSERT INTO t VALUES (1);",
             )
             .unwrap();
-        let readers = Readers::new(path);
+        let readers = Readers::open(path).unwrap();
+        assert_eq!(
+            readers.idle.lock().unwrap().len(),
+            1,
+            "one connection from the start"
+        );
         let count =
             |db: &Connection| db.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0));
         assert_eq!(readers.read(count).unwrap(), 1);
