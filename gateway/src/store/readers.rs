@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -30,8 +30,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
 pub(crate) struct Readers {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
-    /// Closed with the store: connections are no longer kept, so that the write connection's
-    /// close is the database's last (SQLite then checkpoints the WAL and removes it).
+    /// Closed with the store: connections are no longer kept, so none outlives it beside the
+    /// write connection's close.
     closed: AtomicBool,
 }
 
@@ -48,18 +48,14 @@ impl Readers {
         let first = readers.connect()?;
         // A first read: it opens the WAL and its index as every later read would.
         first.query_row("PRAGMA schema_version", [], |_| Ok(()))?;
-        readers
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(first);
+        readers.idle().push(first);
         Ok(readers)
     }
 
     /// Closes the idle connections; later reads close theirs when done.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.idle().clear();
     }
 
     /// Runs `work` on an idle connection (a new one if none is idle) and keeps it for the next.
@@ -67,17 +63,22 @@ impl Readers {
         &self,
         work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let idle = self.idle().pop();
         let conn = match idle {
             Some(conn) => conn,
             None => self.connect()?,
         };
         let out = work(&conn)?;
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle();
         if idle.len() < KEEP_IDLE && !self.closed.load(Ordering::SeqCst) {
             idle.push(conn);
         }
         Ok(out)
+    }
+
+    /// The idle connections (a panic elsewhere while holding the lock leaves them usable).
+    fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn connect(&self) -> rusqlite::Result<Connection> {
