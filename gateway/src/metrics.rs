@@ -120,7 +120,7 @@ impl Metrics {
         );
         r.register(
             "commit_seconds",
-            "Time to commit one batch",
+            "Time to commit one batch, its sync included",
             commit_seconds.clone(),
         );
         r.register(

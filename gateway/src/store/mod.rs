@@ -254,39 +254,59 @@ impl WriteSession {
                 Some("syncing the WAL".into()),
             ))
         };
-        let db = match (&self.db, &self.locked) {
-            (Some(db), Some(_)) => db,
-            _ => return Err(failed(rusqlite::ffi::SQLITE_MISUSE)),
-        };
-        // SAFETY: `db` is this session's open handle, locked out of sqlx's worker thread and
-        // between transactions, so nothing else uses the connection or its files now (SQLite
-        // calls a file's methods from one thread at a time, and so does this). The pointer
-        // SQLite hands back is its WAL file, open for as long as the connection is; its
-        // `xSync` is the one SQLite's own commit calls (through `wal_vfs`, which writes out
-        // what it gathered first).
+        let wal = self.wal_file().map_err(failed)?;
+        // SAFETY: see `wal_file`. Its `xSync` is the one SQLite's own commit calls (through
+        // `wal_vfs`, which writes out what it gathered first).
         let rc = unsafe {
-            use rusqlite::ffi;
-            let mut wal: *mut ffi::sqlite3_file = std::ptr::null_mut();
-            let rc = ffi::sqlite3_file_control(
-                db.handle(),
-                c"main".as_ptr(),
-                ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-                std::ptr::addr_of_mut!(wal).cast(),
-            );
-            match (rc, wal.is_null()) {
-                (ffi::SQLITE_OK, false) if !(*wal).pMethods.is_null() => {
-                    match (*(*wal).pMethods).xSync {
-                        Some(sync) => sync(wal, ffi::SQLITE_SYNC_NORMAL),
-                        None => ffi::SQLITE_MISUSE,
-                    }
-                }
-                (ffi::SQLITE_OK, _) => ffi::SQLITE_MISUSE,
-                (rc, _) => rc,
+            match (*(*wal).pMethods).xSync {
+                Some(sync) => sync(wal, rusqlite::ffi::SQLITE_SYNC_NORMAL),
+                None => rusqlite::ffi::SQLITE_MISUSE,
             }
         };
         match rc {
             rusqlite::ffi::SQLITE_OK => Ok(()),
             rc => Err(failed(rc)),
+        }
+    }
+
+    /// The WAL file's own descriptor for syncing it from another thread
+    /// ([`wal_vfs::WalSync`]), after a transaction of this session; `None` if the connection
+    /// does not use `wal_vfs` or the descriptor could not be opened.
+    #[allow(unsafe_code)]
+    pub(crate) fn wal_sync(&mut self) -> Option<Arc<wal_vfs::WalSync>> {
+        let wal = self.wal_file().ok()?;
+        // SAFETY: see `wal_file`.
+        unsafe { wal_vfs::sync_handle(wal) }
+    }
+
+    /// SQLite's open WAL file of this session's connection, between its transactions.
+    ///
+    /// Safe to use on this thread until the next transaction: the handle is this session's,
+    /// locked out of sqlx's worker thread, so nothing else uses the connection or its files
+    /// now (SQLite calls a file's methods from one thread at a time, and so does the caller).
+    /// The file is open for as long as the connection is.
+    #[allow(unsafe_code)]
+    fn wal_file(&self) -> Result<*mut rusqlite::ffi::sqlite3_file, std::ffi::c_int> {
+        use rusqlite::ffi;
+        let db = match (&self.db, &self.locked) {
+            (Some(db), Some(_)) => db,
+            _ => return Err(ffi::SQLITE_MISUSE),
+        };
+        let mut wal: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        // SAFETY: `db` is an open handle; the call writes the WAL's file pointer to `wal`.
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                db.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_JOURNAL_POINTER,
+                std::ptr::addr_of_mut!(wal).cast(),
+            )
+        };
+        match rc {
+            // SAFETY: a non-null pointer from SQLite is an open file.
+            ffi::SQLITE_OK if !wal.is_null() && unsafe { !(*wal).pMethods.is_null() } => Ok(wal),
+            ffi::SQLITE_OK => Err(ffi::SQLITE_MISUSE),
+            rc => Err(rc),
         }
     }
 

@@ -20,6 +20,10 @@
 //! - every other file (the database, its shared-memory index, journals) is passed through,
 //!   and only the write connection uses this VFS.
 //!
+//! It also opens a second descriptor to each WAL file, when SQLite opens it ([`WalSync`]):
+//! the batching writer commits without syncing and syncs through it on a thread of its own,
+//! so that it writes the next batch while the last one syncs.
+//!
 //! Frames of a transaction that is not committing yet (a cache spill) may reach the file
 //! later than SQLite wrote them, at the latest with the commit frame; nothing reads them
 //! before, and a transaction rolled back leaves them unused, as before.
@@ -32,8 +36,10 @@
 
 use std::ffi::{c_int, c_void, CStr};
 use std::mem::offset_of;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::ptr;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rusqlite::ffi;
 
@@ -95,6 +101,75 @@ struct Gathered {
     commit_page_next: bool,
     /// The last operation on the file was a write (see [`wal_write`]).
     writing: bool,
+    /// The file's own descriptor for syncing it from another thread (`None` if it could
+    /// not be opened).
+    sync: Option<Arc<WalSync>>,
+}
+
+/// A descriptor of its own to a WAL file, opened by path right after SQLite opened the
+/// file (so the same file), and kept while SQLite keeps its own.
+///
+/// [`WalSync::sync`] makes durable every byte written to the WAL before it is called, as
+/// SQLite's own sync of the WAL at a commit does (`fsync`: SQLite is built without
+/// `fdatasync`). It shares nothing with SQLite's file, so another thread may call it
+/// while SQLite writes: what it syncs is the file, whichever descriptor wrote to it. The
+/// WAL takes no POSIX locks, so opening and closing a descriptor to it disturbs none.
+#[derive(Debug)]
+pub struct WalSync {
+    file: std::fs::File,
+    path: PathBuf,
+    /// The directory to sync at the first sync, as SQLite does for a WAL it opened to
+    /// create (the file's name must be durable too); `None` once done.
+    dir: Mutex<Option<PathBuf>>,
+}
+
+impl WalSync {
+    fn open(path: &Path, create: bool) -> Option<WalSync> {
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .ok()?;
+        let dir = create
+            .then(|| path.parent().map(Path::to_path_buf))
+            .flatten();
+        Some(WalSync {
+            file,
+            path: path.to_path_buf(),
+            dir: Mutex::new(dir),
+        })
+    }
+
+    /// Syncs the WAL file (and, the first time, its directory).
+    pub fn sync(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        tests::wait_at_gate(&self.path)?;
+        self.file.sync_all()?;
+        let mut dir = self.dir.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = dir.as_ref() {
+            std::fs::File::open(path)?.sync_all()?;
+            *dir = None;
+        }
+        Ok(())
+    }
+
+    /// The WAL file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The [`WalSync`] of a WAL file SQLite opened through this VFS; `None` for a file this VFS
+/// did not open, or whose own descriptor could not be opened.
+///
+/// # Safety
+/// `file` is an open file of SQLite's (such as its `SQLITE_FCNTL_JOURNAL_POINTER`), not in
+/// use on another thread.
+pub unsafe fn sync_handle(file: *mut ffi::sqlite3_file) -> Option<Arc<WalSync>> {
+    if !ptr::eq((*file).pMethods, &WAL) {
+        return None;
+    }
+    gathered(file).sync.clone()
 }
 
 unsafe fn inner(file: *mut ffi::sqlite3_file) -> *mut ffi::sqlite3_file {
@@ -123,11 +198,19 @@ unsafe extern "C" fn open(
         return rc;
     }
     if flags & ffi::SQLITE_OPEN_WAL != 0 {
+        let sync = (rc == ffi::SQLITE_OK && !name.is_null())
+            .then(|| {
+                let path = Path::new(std::ffi::OsStr::from_bytes(CStr::from_ptr(name).to_bytes()));
+                WalSync::open(path, flags & ffi::SQLITE_OPEN_CREATE != 0)
+            })
+            .flatten()
+            .map(Arc::new);
         (*outer).gathered = Box::into_raw(Box::new(Gathered {
             at: 0,
             bytes: Vec::new(),
             commit_page_next: false,
             writing: false,
+            sync,
         }));
         (*outer).base.pMethods = &WAL;
     } else {
@@ -351,7 +434,7 @@ static WAL: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
 };
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rusqlite::{Connection, OpenFlags};
     use std::cell::Cell;
@@ -361,6 +444,125 @@ mod tests {
         /// This thread's limit on gathered bytes, instead of [`MAX_GATHERED`] (SQLite calls
         /// the VFS on the thread that steps the statement).
         pub(super) static TEST_MAX_GATHERED: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// A gate on the syncs of one WAL file ([`WalSync::sync`]): it lets a number of them
+    /// through and holds the rest until told otherwise; it can fail the next one.
+    #[derive(Default)]
+    pub(crate) struct SyncGate {
+        state: Mutex<GateState>,
+        changed: std::sync::Condvar,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        /// How many syncs may pass (`None`: all).
+        passes: Option<u32>,
+        fail_next: bool,
+        arrived: u32,
+    }
+
+    impl SyncGate {
+        /// A gate for the WAL file at `wal` that holds every sync (tests run side by side:
+        /// one file each).
+        pub(crate) fn close(wal: &Path) -> Arc<SyncGate> {
+            let gate = Arc::new(SyncGate::default());
+            gate.state.lock().unwrap().passes = Some(0);
+            GATES
+                .lock()
+                .unwrap()
+                .push((wal.to_path_buf(), gate.clone()));
+            gate
+        }
+
+        /// How many syncs have reached the gate.
+        pub(crate) fn arrived(&self) -> u32 {
+            self.state.lock().unwrap().arrived
+        }
+
+        /// Lets the first `passes` syncs through, and holds the rest.
+        pub(crate) fn pass(&self, passes: u32) {
+            self.state.lock().unwrap().passes = Some(passes);
+            self.changed.notify_all();
+        }
+
+        /// Lets every sync through, the next one to fail if `fail`.
+        pub(crate) fn open(&self, fail: bool) {
+            let mut state = self.state.lock().unwrap();
+            state.passes = None;
+            state.fail_next = fail;
+            self.changed.notify_all();
+        }
+    }
+
+    static GATES: Mutex<Vec<(PathBuf, Arc<SyncGate>)>> = Mutex::new(Vec::new());
+
+    pub(super) fn wait_at_gate(path: &Path) -> std::io::Result<()> {
+        let gate = GATES
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, g)| g.clone());
+        let Some(gate) = gate else { return Ok(()) };
+        let mut state = gate.state.lock().unwrap();
+        state.arrived += 1;
+        let number = state.arrived;
+        while state.passes.is_some_and(|passes| number > passes) {
+            state = gate.changed.wait(state).unwrap();
+        }
+        // A failing gate fails one sync: the next may succeed, as after a real failure.
+        match std::mem::take(&mut state.fail_next) {
+            true => Err(std::io::Error::other("a failing sync gate")),
+            false => Ok(()),
+        }
+    }
+
+    /// The WAL's own descriptor is to the WAL file SQLite writes (the same file, not only
+    /// the same name), and syncs it.
+    #[test]
+    fn the_wal_has_a_descriptor_of_its_own_to_sync_it() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let db = writer(&path, "NORMAL", 2000);
+        insert(&db, 0, 10, 10);
+        // SAFETY: the pointer is SQLite's open WAL file, used on this thread only.
+        let sync = unsafe { sync_handle(open_file(&db, ffi::SQLITE_FCNTL_JOURNAL_POINTER)) }
+            .expect("the WAL's own descriptor");
+        let wal_path = dir.path().join("t.db-wal");
+        assert_eq!(sync.path(), wal_path);
+        let (ours, file) = (
+            sync.file.metadata().unwrap(),
+            std::fs::metadata(&wal_path).unwrap(),
+        );
+        assert_eq!((ours.dev(), ours.ino()), (file.dev(), file.ino()));
+        assert!(ours.len() > 0, "the commit is in the file it syncs");
+        sync.sync().unwrap();
+        assert!(
+            sync.dir.lock().unwrap().is_none(),
+            "its directory synced once"
+        );
+        // A file this VFS did not open as a WAL has none: the database file itself.
+        // SAFETY: as above, the database file.
+        assert!(unsafe { sync_handle(open_file(&db, ffi::SQLITE_FCNTL_FILE_POINTER)) }.is_none());
+    }
+
+    /// One of `db`'s open files: `op` is `SQLITE_FCNTL_FILE_POINTER` or `_JOURNAL_POINTER`.
+    fn open_file(db: &Connection, op: c_int) -> *mut ffi::sqlite3_file {
+        let mut file: *mut ffi::sqlite3_file = ptr::null_mut();
+        // SAFETY: an open handle; the call writes the file's pointer to `file`.
+        let rc = unsafe {
+            ffi::sqlite3_file_control(
+                db.handle(),
+                c"main".as_ptr(),
+                op,
+                ptr::addr_of_mut!(file).cast(),
+            )
+        };
+        assert_eq!(rc, ffi::SQLITE_OK);
+        assert!(!file.is_null());
+        file
     }
 
     /// A connection through this VFS, in WAL mode at `synchronous`, that never checkpoints

@@ -3,8 +3,11 @@
 //! Sessions hand it jobs over a bounded channel. It takes every job that is
 //! waiting (up to `max_rows` telemetry rows, optionally waiting `max_delay` for
 //! more), writes them in one `BEGIN IMMEDIATE` transaction (one prepared insert per
-//! row, on its own thread), commits, and only then answers each telemetry job. When it falls
-//! behind, the channel fills and sessions stop reading their sockets.
+//! row, on its own thread), commits, and only once the commit is synced answers each
+//! telemetry job. At `synchronous=FULL` the commit itself does not sync: when more jobs
+//! wait, a thread of its own (`wal-sync`) syncs the WAL while the writer writes the next
+//! batch, and answers the batches it synced; otherwise the writer syncs itself. When it
+//! falls behind, the channel fills and sessions stop reading their sockets.
 //!
 //! A failed commit (disk full, I/O error) answers every job in its batch with a
 //! failure and nothing else: the next batch starts afresh, so writing resumes by
@@ -14,7 +17,7 @@
 //! from restarting the WAL until it outgrows its limit, it forces a checkpoint that waits
 //! for them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +28,7 @@ use super::checkpointer::{Checkpointer, Step};
 use super::commands::{CommandOp, CommandOutcome};
 use super::sessions::{record_ends, record_starts, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
+use super::wal_vfs::WalSync;
 use super::{Checkpoint, Store, StoreError, WriteSession};
 use crate::config::Synchronous;
 use crate::device::protocol::Point;
@@ -87,10 +91,6 @@ impl WriteJob {
     /// A device's connection starting, to be recorded before it is welcomed.
     fn is_start(&self) -> bool {
         matches!(self, WriteJob::SessionStart(..))
-    }
-
-    fn is_early(&self) -> bool {
-        matches!(self, WriteJob::Command(_, Reply::Early(..)))
     }
 }
 
@@ -206,7 +206,10 @@ impl Writer {
                     commands: commands_rx,
                     other: rx,
                 };
-                runtime.block_on(run(store, config, queues, &events, health));
+                // The syncer ends once `run` has dropped its sender, after the last sync.
+                let syncer = Syncer::start(events.clone());
+                runtime.block_on(run(store, config, queues, &events, health, &syncer));
+                syncer.finish();
                 let _ = finished.send(());
             })
             .expect("spawning the writer thread");
@@ -303,6 +306,11 @@ impl Queues {
         }
     }
 
+    /// Nothing is waiting in either queue.
+    fn is_empty(&self) -> bool {
+        self.commands.is_empty() && self.other.is_empty()
+    }
+
     /// The queue `job` came from.
     fn of(&mut self, job: &WriteJob) -> &mut mpsc::Receiver<WriteJob> {
         match job {
@@ -318,6 +326,7 @@ async fn run(
     mut queues: Queues,
     events: &Events,
     mut health: Failures,
+    syncer: &Syncer,
 ) {
     let mut batch: Vec<WriteJob> = Vec::new();
     // Something was committed since the WAL was last truncated.
@@ -390,34 +399,36 @@ async fn run(
             rows += job.rows();
             batch.push(job);
         }
-        // A batch with an early reply commits without its sync, which follows the early
-        // replies (the store syncs every commit; otherwise there is nothing to wait for).
-        let early =
-            store.synchronous() == Synchronous::Full && batch.iter().any(WriteJob::is_early);
+        // At `synchronous=FULL` a batch commits without its sync: early replies get their
+        // outcomes at once, and every other answer waits for the sync, which the syncer
+        // thread does while this one writes the next batch.
+        let full = store.synchronous() == Synchronous::Full;
         let started = Instant::now();
         let (outcomes, mut error) = match held.get().await {
-            Ok(session) => match commit(session, &batch, !early).await {
+            Ok(session) => match commit(session, &batch, !full).await {
                 Ok(outcomes) => (outcomes, None),
                 Err(e) => (Vec::new(), Some(e)),
             },
             Err(e) => (Vec::new(), Some(e)),
         };
         let mut answers = paired(std::mem::take(&mut batch), outcomes);
-        if early {
+        // The descriptor the syncer syncs through; without one, the sync happens here.
+        let mut wal = None;
+        if full && error.is_none() {
             answers = answer_early(answers);
-            if error.is_none() {
-                error = match held.get().await {
-                    Ok(session) => session.sync_wal().err(),
-                    Err(e) => Some(e),
-                };
-            }
+            error = match held.get().await {
+                Ok(session) => {
+                    wal = session.wal_sync();
+                    match wal {
+                        Some(_) => None,
+                        None => session.sync_wal().err(),
+                    }
+                }
+                Err(e) => Some(e),
+            };
         }
-        METRICS
-            .commit_seconds
-            .observe(started.elapsed().as_secs_f64());
         let ok = match &error {
             None => {
-                METRICS.batch_rows.observe(rows as f64);
                 health.committed();
                 tracing::trace!(
                     rows,
@@ -427,12 +438,29 @@ async fn run(
                 true
             }
             Some(e) => {
+                METRICS
+                    .commit_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 METRICS.commit_failures.inc();
                 health.failed(e, rows);
                 false
             }
         };
-        answer(answers, ok, events);
+        let unsynced = Unsynced {
+            answers,
+            rows,
+            started,
+            wal: wal.filter(|_| ok),
+        };
+        match unsynced.wal {
+            // With nothing else to write and no sync in progress, there is nothing to
+            // overlap: the sync runs here, without waking the syncer.
+            Some(_) if syncer.idle() && queues.is_empty() => {
+                sync_and_answer(vec![unsynced], events)
+            }
+            Some(_) => syncer.send(unsynced),
+            None => unsynced.done(ok, events),
+        }
         if let (true, Some(background), Some(session)) =
             (ok, &mut background, held.session.as_mut())
         {
@@ -466,6 +494,125 @@ async fn run(
     }
     held.hand_back().await;
     tracing::debug!("telemetry writer stopped");
+}
+
+/// A committed batch and what it waits for before its answers: the sync of its WAL
+/// (`wal`), unless it is durable already or failed (`None`).
+struct Unsynced {
+    answers: Vec<(WriteJob, Option<CommandOutcome>)>,
+    rows: usize,
+    started: Instant,
+    wal: Option<Arc<WalSync>>,
+}
+
+impl Unsynced {
+    /// Answers the batch: `ok` once it is durable, or with a failure.
+    fn done(self, ok: bool, events: &Events) {
+        if ok {
+            METRICS
+                .commit_seconds
+                .observe(self.started.elapsed().as_secs_f64());
+            METRICS.batch_rows.observe(self.rows as f64);
+        }
+        answer(self.answers, ok, events);
+    }
+}
+
+/// The thread that syncs committed batches and only then answers them (group commit,
+/// pipelined): while it syncs, the writer writes the next batch, and one sync covers every
+/// batch committed before it started.
+///
+/// A failed sync stops the process. Its batches are answered with a failure first, and
+/// nothing after them is acked: once `fsync` has failed, the kernel may have dropped the
+/// unwritten pages, and a later sync that succeeds would not bring them back, so the WAL
+/// on disk could miss a commit that later, acked, commits follow (and SQLite's recovery
+/// stops at the first frame missing). A restart recovers everything that was synced,
+/// which is everything ever acked.
+struct Syncer {
+    tx: std::sync::mpsc::Sender<Unsynced>,
+    /// Batches sent and not answered yet.
+    pending: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Syncer {
+    fn start(events: Arc<Events>) -> Syncer {
+        let (tx, rx) = std::sync::mpsc::channel::<Unsynced>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let answered = pending.clone();
+        let thread = std::thread::Builder::new()
+            .name("wal-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let batches: Vec<Unsynced> =
+                        std::iter::once(first).chain(rx.try_iter()).collect();
+                    let count = batches.len();
+                    sync_and_answer(batches, &events);
+                    answered.fetch_sub(count, Ordering::SeqCst);
+                }
+            })
+            .expect("spawning the WAL sync thread");
+        Syncer {
+            tx,
+            pending,
+            thread,
+        }
+    }
+
+    /// Hands a committed batch over, to be answered after its sync.
+    fn send(&self, batch: Unsynced) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        // The thread outlives the writer's loop (see `finish`).
+        let _ = self.tx.send(batch);
+    }
+
+    /// No batch is waiting for its sync: a sync now would not be ahead of anybody's.
+    fn idle(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) == 0
+    }
+
+    /// Waits until every batch sent is answered.
+    fn finish(self) {
+        drop(self.tx);
+        let _ = self.thread.join();
+    }
+}
+
+/// Syncs the WAL of each batch (one sync per file: each batch was written before it was
+/// sent, so the sync after the last covers them all).
+fn sync_all(batches: &[Unsynced]) -> Result<(), (std::io::Error, std::path::PathBuf)> {
+    let mut synced: Vec<&Arc<WalSync>> = Vec::new();
+    for wal in batches.iter().filter_map(|b| b.wal.as_ref()) {
+        if !synced.iter().any(|s| Arc::ptr_eq(s, wal)) {
+            wal.sync().map_err(|e| (e, wal.path().to_path_buf()))?;
+            synced.push(wal);
+        }
+    }
+    Ok(())
+}
+
+/// Syncs committed batches, then answers them; stops the process if the sync fails (see
+/// [`Syncer`]).
+fn sync_and_answer(batches: Vec<Unsynced>, events: &Events) {
+    match sync_all(&batches) {
+        Ok(()) => batches.into_iter().for_each(|b| b.done(true, events)),
+        Err((error, wal)) => {
+            METRICS.commit_failures.inc();
+            batches.into_iter().for_each(|b| b.done(false, events));
+            tracing::error!(%error, wal = %wal.display(),
+                "syncing the WAL failed; stopping, so that nothing unsynced is ever acked \
+                 (a restart recovers everything that was acked)");
+            sync_failed();
+        }
+    }
+}
+
+/// What a failed sync does: exit (see [`Syncer`]); a test of the writer panics instead.
+fn sync_failed() {
+    #[cfg(not(test))]
+    std::process::exit(74);
+    #[cfg(test)]
+    panic!("a WAL sync failed");
 }
 
 /// Each job with its outcome: command jobs take theirs in order (none if the commit failed).
@@ -688,6 +835,7 @@ async fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::wal_vfs::tests::SyncGate;
     use serde_json::value::RawValue;
 
     fn job(
@@ -975,6 +1123,103 @@ mod tests {
             drop(writer);
             task.await.unwrap();
         }
+    }
+
+    /// Polls `done` until it holds (10 s at most).
+    async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done().await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// At `synchronous=FULL` a batch is acked only after its sync. With nothing else to
+    /// write, the writer syncs itself; with more waiting, the sync runs beside the writer,
+    /// which commits the next batch meanwhile (readers see it) and acks nothing before its
+    /// sync.
+    #[tokio::test]
+    async fn acks_wait_for_their_sync_which_runs_beside_the_writer_under_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        let url = format!("sqlite://{}/t.db", dir.display());
+        let store = Store::open(&url, Synchronous::Full, crate::store::DEFAULT_WAL_MAX_BYTES)
+            .await
+            .unwrap();
+        // One message per batch.
+        let (writer, task) = Writer::spawn(
+            store.clone(),
+            WriterConfig {
+                max_rows: 1,
+                max_delay: Duration::ZERO,
+                queue: 16,
+                idle_checkpoint: Duration::from_secs(3600),
+            },
+            Arc::new(Events::new(100, 1)),
+        );
+        let gate = SyncGate::close(&dir.join("t.db-wal"));
+        let (j1, mut rx1) = job(1, "m1", &[(Some(1), "{}")]);
+        writer.submit(j1).await.unwrap();
+        until("m1 committed and its sync started", || async {
+            stored(&store, 1).await.len() == 1 && gate.arrived() == 1
+        })
+        .await;
+        // The writer is in m1's sync: m2 and m3 wait in the queue.
+        let (j2, mut rx2) = job(1, "m2", &[(Some(2), "{}")]);
+        let (j3, mut rx3) = job(1, "m3", &[(Some(3), "{}")]);
+        writer.submit(j2).await.unwrap();
+        writer.submit(j3).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx1.try_recv().is_err(), "m1 acked before its sync");
+        assert_eq!(
+            stored(&store, 1).await.len(),
+            1,
+            "the writer went on during its sync"
+        );
+        // m1's sync goes through; m2's, handed to the syncer (m3 was waiting), is held.
+        gate.pass(1);
+        assert!(rx1.await.unwrap(), "m1 acked after its sync");
+        until("m2 and m3 committed while m2's sync is held", || async {
+            stored(&store, 1).await.len() == 3 && gate.arrived() >= 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(rx2.try_recv().is_err(), "m2 acked before its sync");
+        assert!(rx3.try_recv().is_err(), "m3 acked before its sync");
+        gate.open(false);
+        assert!(rx2.await.unwrap(), "m2 acked after its sync");
+        assert!(rx3.await.unwrap(), "m3 acked after its sync");
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    /// A failed sync acks nothing: neither its batch (answered with a failure, though
+    /// readers saw it committed) nor any batch after it, though the next sync would succeed.
+    /// (The gateway exits then; this build's writer panics instead.)
+    #[tokio::test]
+    async fn after_a_failed_sync_nothing_is_acked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        let (store, writer, task) = writer_on(
+            &dir,
+            crate::store::DEFAULT_WAL_MAX_BYTES,
+            Duration::from_secs(3600),
+        )
+        .await;
+        let gate = SyncGate::close(&dir.join("t.db-wal"));
+        let (j1, rx1) = job(1, "m1", &[(Some(1), "{}")]);
+        writer.submit(j1).await.unwrap();
+        until("m1's sync started", || async { gate.arrived() == 1 }).await;
+        gate.open(true);
+        assert!(!rx1.await.unwrap(), "m1 answered with a failure");
+        let (j2, rx2) = job(1, "m2", &[(Some(2), "{}")]);
+        let acked = match writer.submit(j2).await {
+            Ok(()) => matches!(rx2.await, Ok(true)),
+            Err(_) => false,
+        };
+        assert!(!acked, "m2 acked after a failed sync");
+        drop((writer, store));
+        let _ = task.await;
     }
 
     #[tokio::test]
