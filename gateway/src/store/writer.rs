@@ -399,6 +399,30 @@ async fn run(
             rows += job.rows();
             batch.push(job);
         }
+        // Under load, one batch at most waits behind the sync in progress: until that sync
+        // is done, a batch of telemetry or sessions keeps gathering instead of committing.
+        // Committed sooner it would be acked no sooner (the next sync starts when this one
+        // ends, and covers whatever waits then), only in more, smaller commits, each of
+        // which rewrites the index pages it touches. Command changes never wait.
+        while !commands && rows < config.max_rows {
+            let synced = syncer.synced.notified();
+            tokio::pin!(synced);
+            synced.as_mut().enable();
+            if syncer.pending() < 2 {
+                break;
+            }
+            tokio::select! {
+                biased;
+                () = &mut synced => {}
+                job = rx.recv() => match job {
+                    Some(job) => {
+                        rows += job.rows();
+                        batch.push(job);
+                    }
+                    None => break,
+                },
+            }
+        }
         // At `synchronous=FULL` a batch commits without its sync: early replies get their
         // outcomes at once, and every other answer waits for the sync, which the syncer
         // thread does while this one writes the next batch.
@@ -532,6 +556,8 @@ struct Syncer {
     tx: std::sync::mpsc::Sender<Unsynced>,
     /// Batches sent and not answered yet.
     pending: Arc<AtomicUsize>,
+    /// Signalled after each sync's batches are answered.
+    synced: Arc<tokio::sync::Notify>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -539,7 +565,8 @@ impl Syncer {
     fn start(events: Arc<Events>) -> Syncer {
         let (tx, rx) = std::sync::mpsc::channel::<Unsynced>();
         let pending = Arc::new(AtomicUsize::new(0));
-        let answered = pending.clone();
+        let synced = Arc::new(tokio::sync::Notify::new());
+        let (answered, signal) = (pending.clone(), synced.clone());
         let thread = std::thread::Builder::new()
             .name("wal-sync".into())
             .spawn(move || {
@@ -549,12 +576,14 @@ impl Syncer {
                     let count = batches.len();
                     sync_and_answer(batches, &events);
                     answered.fetch_sub(count, Ordering::SeqCst);
+                    signal.notify_waiters();
                 }
             })
             .expect("spawning the WAL sync thread");
         Syncer {
             tx,
             pending,
+            synced,
             thread,
         }
     }
@@ -566,9 +595,14 @@ impl Syncer {
         let _ = self.tx.send(batch);
     }
 
+    /// Batches sent and not answered yet.
+    fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
     /// No batch is waiting for its sync: a sync now would not be ahead of anybody's.
     fn idle(&self) -> bool {
-        self.pending.load(Ordering::SeqCst) == 0
+        self.pending() == 0
     }
 
     /// Waits until every batch sent is answered.
