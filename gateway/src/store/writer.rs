@@ -329,6 +329,10 @@ async fn run(
     syncer: &Syncer,
 ) {
     let mut batch: Vec<WriteJob> = Vec::new();
+    // At `synchronous=FULL` a batch commits without its sync: early replies get their
+    // outcomes at once, and every other answer waits for the sync, which the syncer thread
+    // does while this one writes the next batch.
+    let full = store.synchronous() == Synchronous::Full;
     // Something was committed since the WAL was last truncated.
     let mut wal_dirty = false;
     let mut next_forced = Instant::now();
@@ -423,10 +427,6 @@ async fn run(
                 },
             }
         }
-        // At `synchronous=FULL` a batch commits without its sync: early replies get their
-        // outcomes at once, and every other answer waits for the sync, which the syncer
-        // thread does while this one writes the next batch.
-        let full = store.synchronous() == Synchronous::Full;
         let started = Instant::now();
         let (outcomes, mut error) = match held.get().await {
             Ok(session) => match commit(session, &batch, !full).await {
@@ -436,7 +436,8 @@ async fn run(
             Err(e) => (Vec::new(), Some(e)),
         };
         let mut answers = paired(std::mem::take(&mut batch), outcomes);
-        // The descriptor the syncer syncs through; without one, the sync happens here.
+        // The descriptor the syncer syncs through (only after a commit that did not fail);
+        // without one, the sync happens here.
         let mut wal = None;
         if full && error.is_none() {
             answers = answer_early(answers);
@@ -474,7 +475,7 @@ async fn run(
             answers,
             rows,
             started,
-            wal: wal.filter(|_| ok),
+            wal,
         };
         match unsynced.wal {
             // With nothing else to write and no sync in progress, there is nothing to
@@ -929,10 +930,19 @@ mod tests {
     /// A writer for `store`, in batches of up to 100 rows, truncating the WAL after
     /// `idle_checkpoint` without work.
     fn spawn_writer(store: &Store, idle_checkpoint: Duration) -> (Writer, WriterTask) {
+        spawn_writer_of(store, idle_checkpoint, 100)
+    }
+
+    /// [`spawn_writer`], in batches of up to `max_rows` rows.
+    fn spawn_writer_of(
+        store: &Store,
+        idle_checkpoint: Duration,
+        max_rows: usize,
+    ) -> (Writer, WriterTask) {
         Writer::spawn(
             store.clone(),
             WriterConfig {
-                max_rows: 100,
+                max_rows,
                 max_delay: Duration::ZERO,
                 queue: 16,
                 idle_checkpoint,
@@ -1181,16 +1191,7 @@ mod tests {
             .await
             .unwrap();
         // One message per batch.
-        let (writer, task) = Writer::spawn(
-            store.clone(),
-            WriterConfig {
-                max_rows: 1,
-                max_delay: Duration::ZERO,
-                queue: 16,
-                idle_checkpoint: Duration::from_secs(3600),
-            },
-            Arc::new(Events::new(100, 1)),
-        );
+        let (writer, task) = spawn_writer_of(&store, Duration::from_secs(3600), 1);
         let gate = SyncGate::close(&dir.join("t.db-wal"));
         let (j1, mut rx1) = job(1, "m1", &[(Some(1), "{}")]);
         writer.submit(j1).await.unwrap();
