@@ -31,7 +31,9 @@
 #             prints its errors so far on SIGUSR1, sent just before the restart)
 #   storm held  the same again with the device socket held across the restart, as systemd
 #             socket activation holds it (bench/hold-listener.py: LISTEN_FDS, SIGHUP restarts the
-#             server): devices that reconnect meanwhile wait in the accept queue, not refused
+#             server): devices that reconnect meanwhile wait in the accept queue, not refused.
+#             Both storms also report the CPU seconds the new server and the fleet's processes
+#             used until all were online again: on two cores the two share them.
 #
 # Knobs (environment): SCENARIOS ("ingest commands idle storm"), PEERS ("node mosquitto"),
 # INGEST_DURATION (30), INGEST_WARMUP (2), INGEST_DEVICES (100), INGEST_INFLIGHT (8),
@@ -143,6 +145,13 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 # utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
 cpu_ticks() { sed -E 's/^.*\) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+# tree_ticks PID: cpu_ticks of PID and of all its live descendants, together.
+tree_ticks() {
+    local pid total=0
+    for pid in $1 $(descendants "$1"); do total=$((total + $(cpu_ticks "$pid" 2>/dev/null || echo 0))); done
+    echo "$total"
+}
+descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
 # The whole machine's busy and total clock ticks, all CPUs together (/proc/stat; time stolen by
 # the host counts in the total, not as busy).
 machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat; }
@@ -541,6 +550,11 @@ storm() {
     # The fleet's errors so far (it prints them on SIGUSR1): the ones after are the restart's.
     kill -USR1 "$fleet_pid"
     before=$(errors_reported "$dir/$k.log")
+    # CPU from the restart to all online: the fleet's, and the new server's (the socket holder's
+    # own few ticks, when held, taken off).
+    local fleet0 held0=0
+    fleet0=$(tree_ticks "$fleet_pid")
+    [[ $mode != held ]] || held0=$(cpu_ticks "${S[$sys.pid]}")
     t_term=$(now)
     if [[ $mode == held ]]; then
         restart_held "$sys"
@@ -553,6 +567,8 @@ storm() {
     R[${k}_listen.$sys]=$(since "$t_start")
     R[${k}_online.$sys]=$(wait_online "$sys" "$FLEET_DEVICES" "$STORM_TIMEOUT")
     R[${k}_total.$sys]=$(since "$t_term")
+    R[${k}_server_cpu.$sys]=$(awk -v t=$(($(tree_ticks "${S[$sys.pid]}") - held0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
+    R[${k}_fleet_cpu.$sys]=$(awk -v t=$(($(tree_ticks "$fleet_pid") - fleet0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }')
     [[ ${R[${k}_online.$sys]} != timeout ]] || R[${k}_total.$sys]=timeout
     R[${k}_from_start.$sys]=$(awk -v a="${R[${k}_listen.$sys]}" -v b="${R[${k}_online.$sys]}" \
         'BEGIN { if (b == "timeout") print "timeout"; else printf "%.2f", a + b }')
@@ -649,6 +665,8 @@ if has "$SCENARIOS" storm; then
     line3 "storm: s from SIGTERM to exit" storm_halt
     line3 "storm: s from start to all online" storm_from_start
     line3 "storm: s from SIGTERM to all online" storm_total
+    line3 "storm: server CPU s, start to all online" storm_server_cpu
+    line3 "storm: device-sim CPU s, SIGTERM to online" storm_fleet_cpu
     line3 "storm: failed handshakes, first connect" storm_first_failures
     line3 "storm: failed handshakes after restart" storm_failures
     line3 "storm: refused TCP connects (no server)" storm_refused_tcp
@@ -656,6 +674,8 @@ if has "$SCENARIOS" storm; then
         line3 "storm, socket held: s from SIGTERM to exit" held_halt
         line3 "storm, socket held: s from start to all online" held_from_start
         line3 "storm, socket held: s from SIGTERM to all online" held_total
+        line3 "storm, socket held: server CPU s to online" held_server_cpu
+        line3 "storm, socket held: device-sim CPU s" held_fleet_cpu
         line3 "storm, socket held: failed handshakes after" held_failures
         line3 "storm, socket held: refused TCP connects" held_refused_tcp
     fi
