@@ -147,8 +147,11 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 cpu_ticks() { sed -E 's/^.*\) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 # tree_ticks PID: cpu_ticks of PID and of all its live descendants, together.
 tree_ticks() {
-    local pid total=0
-    for pid in $1 $(descendants "$1"); do total=$((total + $(cpu_ticks "$pid" 2>/dev/null || echo 0))); done
+    local pid ticks total=0
+    for pid in $1 $(descendants "$1"); do
+        ticks=$(cpu_ticks "$pid" 2>/dev/null) # empty if it has just exited
+        total=$((total + ${ticks:-0}))
+    done
     echo "$total"
 }
 descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
