@@ -209,6 +209,15 @@ impl Checkpointer {
         }
     }
 
+    /// Waits for the pass in progress, if any, to end. SQLite does not wait for another
+    /// connection's checkpoint (the busy handler is not called for the checkpoint lock), so
+    /// a truncation started meanwhile would fail at once, and be taken for readers in its way.
+    pub(crate) async fn pass_ended(&self) {
+        while self.shared.running.load(Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// The writer's copy of the tail failed: no pass or tail for a while.
     pub(crate) fn tail_failed(&mut self) {
         self.rest(REST_AFTER_FAILURE);
@@ -232,15 +241,6 @@ impl Drop for Checkpointer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    impl Checkpointer {
-        /// Waits for the pass in progress, if any, to end.
-        fn wait_idle(&self) {
-            while self.shared.running.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
 
     /// A commit leaving `frames` in the WAL: the writer's step, and the pass it started.
     fn commit(
@@ -345,7 +345,7 @@ mod tests {
                 tails += 1;
             }
             // Each pass ends before the next commit: the tail is then one commit.
-            background.wait_idle();
+            background.pass_ended().await;
         }
         // Passes that catch up restart the WAL too; no restart is SQLite's own (the hook
         // reports the frames instead).

@@ -356,7 +356,7 @@ async fn run(
                 Some(job) => job,
                 None => {
                     wal_dirty = false;
-                    checkpoint(&mut held, "idle").await;
+                    checkpoint(&mut held, background.as_ref(), "idle").await;
                     continue;
                 }
             },
@@ -503,7 +503,7 @@ async fn run(
             let wal_bytes = store.wal_bytes();
             METRICS.wal_bytes.set(wal_bytes as i64);
             if wal_bytes > store.wal_max_bytes() && Instant::now() >= next_forced {
-                if checkpoint(&mut held, "limit").await {
+                if checkpoint(&mut held, background.as_ref(), "limit").await {
                     wal_dirty = false;
                 } else {
                     next_forced = Instant::now() + FORCED_CHECKPOINT_RETRY;
@@ -759,9 +759,17 @@ impl Held<'_> {
     }
 }
 
-/// Checkpoints and truncates the WAL; whether it is now empty. A failure is logged and
-/// left for the next attempt (with a full disk, the database file may not be able to grow).
-async fn checkpoint(held: &mut Held<'_>, why: &'static str) -> bool {
+/// Checkpoints and truncates the WAL, after the background pass in progress if any;
+/// whether it is now empty. A failure is logged and left for the next attempt (with a full
+/// disk, the database file may not be able to grow).
+async fn checkpoint(
+    held: &mut Held<'_>,
+    background: Option<&Checkpointer>,
+    why: &'static str,
+) -> bool {
+    if let Some(background) = background {
+        background.pass_ended().await;
+    }
     let store = held.store;
     let before = store.wal_bytes();
     let outcome = match held.get().await {
