@@ -34,6 +34,9 @@ use crate::metrics::METRICS;
 
 /// After a pass that copied nothing new (readers held it back), how long before another.
 const REST: Duration = Duration::from_millis(100);
+/// How long a truncation waits for the background pass in progress (as long as SQLite's
+/// busy timeout lets a checkpoint wait for readers).
+const PASS_WAIT: Duration = Duration::from_secs(10);
 /// After a failed pass or tail (say, no room for the database file to grow), how long
 /// before another: each failure is logged.
 const REST_AFTER_FAILURE: Duration = Duration::from_secs(1);
@@ -212,8 +215,14 @@ impl Checkpointer {
     /// Waits for the pass in progress, if any, to end. SQLite does not wait for another
     /// connection's checkpoint (the busy handler is not called for the checkpoint lock), so
     /// a truncation started meanwhile would fail at once, and be taken for readers in its way.
+    /// At most [`PASS_WAIT`]: a thread that never ends its pass must not stop the writer.
     pub(crate) async fn pass_ended(&self) {
+        let deadline = Instant::now() + PASS_WAIT;
         while self.shared.running.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                tracing::warn!("WAL checkpoint pass still running; truncating beside it");
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
