@@ -426,15 +426,32 @@ fn read_lossy(path: &Path) -> String {
 
 /// Path of the `gateway` binary, built once per test process with the same profile as the tests.
 pub fn gateway_bin() -> PathBuf {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_bin("gateway"))
-        .clone()
-        .unwrap_or_else(|e| panic!("{e}"))
+    workspace_bin("gateway")
 }
 
-/// Builds the workspace package `name` (its binary of the same name) with the tests' profile
-/// into the tests' target directory, and returns the binary's path.
-pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
+/// Path of the workspace binary `name` (`gateway` or `device-sim`), in the tests' target
+/// directory and profile. The first call builds the workspace's binaries (see [`build_bins`]).
+pub(crate) fn workspace_bin(name: &str) -> PathBuf {
+    static PROFILE_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let profile_dir = PROFILE_DIR
+        .get_or_init(build_bins)
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "built {name} not found at {}", bin.display());
+    bin
+}
+
+/// Builds the binaries of every workspace package, with the tests' profile, into the tests'
+/// target directory, and returns the directory they are in (`target/<profile>`).
+///
+/// One `cargo build --workspace --bins` for both binaries: their dependencies then have the
+/// features unified over the workspace, as `cargo test --workspace` (the README's test
+/// command) built them a moment before, so cargo reuses those and compiles only the two
+/// binaries. Built one package at a time (`-p device-sim`), each would have the features of
+/// its own dependencies only, and cargo would compile dozens of crates again (minutes on two
+/// cores).
+fn build_bins() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     // …/target/<profile>/deps/e2e-xxxx → …/target/<profile>
     let profile_dir = exe
@@ -455,7 +472,7 @@ pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "-p", name, "--bin", name, "--target-dir"])
+        .args(["build", "--workspace", "--bins", "--target-dir"])
         .arg(target_dir);
     // `cargo test` gives this process the test crate's CARGO_PKG_*, CARGO_MANIFEST_* and the
     // like. Build scripts that watch them (ring's does) would see a change and rebuild, with
@@ -478,17 +495,12 @@ pub(crate) fn build_bin(name: &str) -> Result<PathBuf, String> {
     let out = cmd.output().map_err(|e| format!("run cargo build: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "cargo build -p {name} failed ({}):\n{}",
+            "cargo build --workspace --bins failed ({}):\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let bin = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    if bin.exists() {
-        Ok(bin)
-    } else {
-        Err(format!("built {name} not found at {}", bin.display()))
-    }
+    Ok(profile_dir.to_path_buf())
 }
 
 /// The variables cargo sets for the crate it runs (as opposed to those that configure cargo).

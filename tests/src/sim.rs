@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -17,7 +17,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::api::Api;
 use crate::checks::eventually;
-use crate::gateway::{gateway_bin, Gateway};
+use crate::gateway::Gateway;
 
 /// How long a simulator may take to exit after `SIGTERM` or `SIGINT`.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -432,17 +432,9 @@ pub fn assert_gapless(device: &str, counters: &[u64]) {
     }
 }
 
-/// Path of the `device-sim` binary, built once per test process with the tests' profile, into
-/// the same target directory as the gateway (see [`gateway_bin`]).
+/// Path of the `device-sim` binary, built with the gateway's (`gateway::workspace_bin`).
 pub fn sim_bin() -> PathBuf {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // After the gateway's build, so the two never wait on each other's cargo lock.
-        gateway_bin();
-        crate::gateway::build_bin("device-sim")
-    })
-    .clone()
-    .unwrap_or_else(|e| panic!("{e}"))
+    crate::gateway::workspace_bin("device-sim")
 }
 
 fn signal(target: &str, sig: &str) {
