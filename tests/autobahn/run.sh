@@ -80,9 +80,11 @@ cleanup() {
 trap cleanup EXIT
 
 # Build the echo mode (cargo feature `conformance`) and copy the binary at once:
-# target/debug/gateway is the default build's path too.
+# target/debug/gateway is the default build's path too. Built as the tests build the binaries
+# (`--workspace --bins`, tests/src/gateway.rs), the dependencies have the workspace's features
+# and the test build's are reused; `-p gateway` alone would compile about 70 crates again.
 for attempt in 1 2 3; do
-    cargo build --quiet -p gateway --bin gateway --features conformance
+    cargo build --quiet --workspace --bins --features gateway/conformance
     cp "$target_dir/debug/gateway" "$work/gateway"
     case "$("$work/gateway" --help)" in
     *--conformance-echo*) break ;;
