@@ -131,13 +131,15 @@ trap 'exit 130' INT TERM
 # wait_for_line FILE PATTERN SECONDS PID: until FILE has a line matching PATTERN; fails early if
 # PID exits.
 wait_for_line() {
-    local file=$1 pattern=$2 deadline=$((SECONDS + $3)) pid=$4
-    until grep -qE "$pattern" "$file" 2>/dev/null; do
-        kill -0 "$pid" 2>/dev/null || { tail -n 5 "${file%.*}.log" "$file" >&2 2>/dev/null || true;
-            die "process $pid exited before printing /$pattern/ to $file"; }
-        ((SECONDS < deadline)) || die "no /$pattern/ in $file after $3 s"
-        sleep 0.02
-    done
+    local status=0
+    python3 "$ROOT/bench/wait.py" line "$@" || status=$?
+    case $status in
+        0) ;;
+        3) tail -n 5 "${1%.*}.log" "$1" >&2 2>/dev/null || true
+           die "process $4 exited before printing /$2/ to $1" ;;
+        4) die "no /$2/ in $1 after $3 s" ;;
+        *) die "bench/wait.py line failed ($status)" ;;
+    esac
 }
 
 now() { date +%s.%N; }
@@ -463,10 +465,9 @@ idle() {
 }
 
 # wait_online SYS COUNT SECONDS: until the server reports COUNT devices online; prints the
-# seconds it took, or `timeout`. One long-lived poller (bench/wait-online.py): curl and awk
-# started every 50 ms took about a quarter of a core from the server and fleet being timed.
+# seconds it took, or `timeout`.
 wait_online() {
-    python3 "$ROOT/bench/wait-online.py" "${S[$1.root]}" "$2" "$3" "$(now)"
+    python3 "$ROOT/bench/wait.py" online "${S[$1.root]}" "$2" "$3" "$(now)"
 }
 
 # tcp_counters: the kernel's TCP counters a storm may run into (listen queue overflows and
