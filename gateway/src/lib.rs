@@ -258,7 +258,7 @@ impl Gateway {
             settings: settings.clone(),
             store: store.clone(),
             hub: hub.clone(),
-            writer,
+            writer: writer.clone(),
             commands: commands.clone(),
             events: events.clone(),
             limits: device::limits::Limits::new(
@@ -285,6 +285,7 @@ impl Gateway {
 
         let router = api::router(api::ApiState {
             store: store.clone(),
+            writer,
             hub,
             commands,
             events,
@@ -325,7 +326,8 @@ impl Gateway {
         {
             tracing::warn!("some device sessions did not finish within the grace period");
         }
-        // The API holds a writer handle too (commands): it must finish before the writer can.
+        // The API holds writer handles too (commands, devices created): it must finish before
+        // the writer can.
         match tokio::time::timeout(settings.shutdown_grace, api_server).await {
             Ok(Ok(Err(e))) => return Err(GatewayError::Api(e)),
             Err(_) => tracing::warn!("API requests still running at the end of the grace period"),

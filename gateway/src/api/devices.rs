@@ -13,9 +13,8 @@ use serde_json::{json, Map, Value};
 use super::{cursor, parse_limit, ApiError, ApiState, JsonBody};
 use crate::device::listener::hash_token;
 use crate::hub::{CloseOrder, SessionHandle};
-use crate::store::devices::{DevicePatch, DeviceRow};
+use crate::store::devices::{DevicePatch, DeviceRow, NewDevice};
 use crate::store::sessions::SessionRow;
-use crate::store::StoreError;
 use crate::time::{format_ms, now_ms};
 
 /// Longest device name, in characters.
@@ -136,25 +135,16 @@ pub async fn create(
     check_name(body.name.as_deref())?;
     let metadata = Value::Object(body.metadata.unwrap_or_default()).to_string();
     let token = super::key::random_secret();
-    let row = match state
-        .store
-        .create_device(
-            &body.id,
-            body.name.as_deref(),
-            &metadata,
-            &hash_token(&token),
-            now_ms(),
-        )
-        .await
-    {
-        Ok(row) => row,
-        Err(StoreError::Conflict) => {
-            return Err(ApiError::conflict(format!(
-                "device `{}` already exists",
-                body.id
-            )))
-        }
-        Err(e) => return Err(e.into()),
+    let new = NewDevice {
+        id: body.id,
+        name: body.name,
+        metadata,
+        token_hash: hash_token(&token),
+        now: now_ms(),
+    };
+    let id = new.id.clone();
+    let Ok(row) = state.writer.create_device(new).await? else {
+        return Err(ApiError::conflict(format!("device `{id}` already exists")));
     };
     let mut device = device_json(&state, &row).await?;
     device["token"] = Value::String(token);

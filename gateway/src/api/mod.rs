@@ -29,6 +29,7 @@ use utoipa_axum::routes;
 use crate::commands::Commands;
 use crate::events::Events;
 use crate::hub::Hub;
+use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
 
 /// Largest request body.
@@ -38,6 +39,8 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub store: Store,
+    /// The batching writer, which creates devices (they share commits with each other).
+    pub writer: Writer,
     pub hub: Arc<Hub>,
     pub commands: Arc<Commands>,
     pub events: Arc<Events>,
@@ -275,6 +278,7 @@ pub(crate) async fn test_state(dir: &std::path::Path) -> (ApiState, crate::store
     .unwrap();
     let state = ApiState {
         store,
+        writer: writer.clone(),
         hub,
         commands,
         events,

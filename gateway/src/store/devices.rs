@@ -3,7 +3,7 @@
 use rusqlite::OptionalExtension;
 use sqlx::FromRow;
 
-use super::{is_unique_violation, Store, StoreError};
+use super::{Store, StoreError};
 
 /// A device as stored.
 #[derive(Debug, Clone, FromRow)]
@@ -31,6 +31,72 @@ pub struct TokenOwner {
     pub commands_waiting: bool,
 }
 
+impl DeviceRow {
+    /// A row selected (or returned) as [`COLUMNS`].
+    fn read(r: &rusqlite::Row) -> rusqlite::Result<DeviceRow> {
+        Ok(DeviceRow {
+            pk: r.get(0)?,
+            id: r.get(1)?,
+            name: r.get(2)?,
+            metadata: r.get(3)?,
+            enabled: r.get(4)?,
+            created_at: r.get(5)?,
+            last_connected_at: r.get(6)?,
+            last_disconnected_at: r.get(7)?,
+            last_seen_at: r.get(8)?,
+            last_disconnect_reason: r.get(9)?,
+        })
+    }
+}
+
+/// A device to create, committed by the batching writer: devices created together (a fleet
+/// provisioned through the API) share a commit and its sync.
+#[derive(Debug)]
+pub struct NewDevice {
+    pub id: String,
+    pub name: Option<String>,
+    pub metadata: String,
+    pub token_hash: Vec<u8>,
+    pub now: i64,
+}
+
+/// The device's id is taken (or its token hash, which a random token never repeats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken;
+
+impl NewDevice {
+    /// Inserts the device in the caller's transaction. A taken id undoes this statement
+    /// only: the devices created beside it in the batch stay.
+    pub(super) fn insert(
+        &self,
+        db: &rusqlite::Connection,
+    ) -> rusqlite::Result<Result<DeviceRow, Taken>> {
+        let sql = format!(
+            "INSERT INTO devices (id, name, metadata, enabled, token_hash, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?5) RETURNING {COLUMNS}"
+        );
+        let inserted = db.prepare_cached(&sql)?.query_row(
+            (
+                &self.id,
+                &self.name,
+                &self.metadata,
+                &self.token_hash,
+                self.now,
+            ),
+            DeviceRow::read,
+        );
+        match inserted {
+            Ok(row) => Ok(Ok(row)),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+            {
+                Ok(Err(Taken))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Changes to a device; `None` leaves a field as it is.
 #[derive(Debug, Default)]
 pub struct DevicePatch {
@@ -43,7 +109,9 @@ const COLUMNS: &str = "pk, id, name, metadata, enabled, created_at, last_connect
      last_disconnected_at, last_seen_at, last_disconnect_reason";
 
 impl Store {
-    /// Inserts a device; `Conflict` when the id is taken.
+    /// Inserts a device outside the batching writer (the gateway creates devices through
+    /// it: [`super::writer::Writer::create_device`]); `Conflict` when the id is taken.
+    #[cfg(test)]
     pub async fn create_device(
         &self,
         id: &str,
@@ -52,28 +120,16 @@ impl Store {
         token_hash: &[u8],
         now: i64,
     ) -> Result<DeviceRow, StoreError> {
-        let sql = format!(
-            "INSERT INTO devices (id, name, metadata, enabled, token_hash, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, 1, ?4, ?5, ?5) RETURNING {COLUMNS}"
-        );
-        let mut tx = self.begin_write().await?;
-        let row = sqlx::query_as::<_, DeviceRow>(&sql)
-            .bind(id)
-            .bind(name)
-            .bind(metadata)
-            .bind(token_hash)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Conflict
-                } else {
-                    e.into()
-                }
-            })?;
-        tx.commit().await?;
-        Ok(row)
+        let new = NewDevice {
+            id: id.into(),
+            name: name.map(Into::into),
+            metadata: metadata.into(),
+            token_hash: token_hash.into(),
+            now,
+        };
+        self.write_sync(|db| new.insert(db))
+            .await?
+            .map_err(|Taken| StoreError::Conflict)
     }
 
     /// One device by id.

@@ -54,11 +54,6 @@ pub enum StoreError {
     NotCommitted,
 }
 
-/// True when the error is a UNIQUE constraint violation.
-fn is_unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
-}
-
 /// The default WAL size limit: 64 MiB.
 pub const DEFAULT_WAL_MAX_BYTES: u64 = 64 << 20;
 

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use super::checkpointer::{Checkpointer, Step};
 use super::commands::{CommandOp, CommandOutcome};
+use super::devices::{DeviceRow, NewDevice, Taken};
 use super::sessions::{record_ends, record_starts, SessionEnd, SessionStart};
 use super::telemetry::{insert_rows, NewRow};
 use super::wal_vfs::WalSync;
@@ -57,6 +58,9 @@ pub enum WriteJob {
     SessionEnd(SessionEnd, oneshot::Sender<bool>),
     /// A command change, and where its outcome goes.
     Command(CommandOp, Reply),
+    /// A device to create; `done` gets the device once it is durable (`None` if its batch
+    /// failed).
+    CreateDevice(NewDevice, oneshot::Sender<Option<Result<DeviceRow, Taken>>>),
 }
 
 /// Where a command change's outcome goes.
@@ -91,6 +95,44 @@ impl WriteJob {
     /// A device's connection starting, to be recorded before it is welcomed.
     fn is_start(&self) -> bool {
         matches!(self, WriteJob::SessionStart(..))
+    }
+
+    /// An operator's change (a command's or a device's), served before telemetry and
+    /// sessions; each has an outcome to return.
+    fn is_operators(&self) -> bool {
+        matches!(self, WriteJob::Command(..) | WriteJob::CreateDevice(..))
+    }
+
+    /// Applies an operator's change in the writer's transaction (`None` for other jobs).
+    fn apply(&self, db: &rusqlite::Connection) -> Option<rusqlite::Result<Outcome>> {
+        match self {
+            WriteJob::Command(op, _) => Some(op.apply(db).map(Outcome::Command)),
+            WriteJob::CreateDevice(new, _) => Some(new.insert(db).map(Outcome::Created)),
+            _ => None,
+        }
+    }
+}
+
+/// What an operator's change gave back ([`WriteJob::apply`]).
+#[derive(Debug)]
+enum Outcome {
+    Command(CommandOutcome),
+    Created(Result<DeviceRow, Taken>),
+}
+
+impl Outcome {
+    fn command(self) -> Option<CommandOutcome> {
+        match self {
+            Outcome::Command(outcome) => Some(outcome),
+            Outcome::Created(_) => None,
+        }
+    }
+
+    fn created(self) -> Option<Result<DeviceRow, Taken>> {
+        match self {
+            Outcome::Created(created) => Some(created),
+            Outcome::Command(_) => None,
+        }
     }
 }
 
@@ -170,8 +212,8 @@ pub struct WriterConfig {
 
 /// The sending side, cloned into every session.
 ///
-/// Command changes have a queue of their own that the writer serves first, in batches of
-/// their own: an operator's command then waits for the commit in progress and one small
+/// Operators' changes (commands, devices created) have a queue of their own that the writer
+/// serves first, in batches of their own: an operator's command then waits for the commit in progress and one small
 /// commit, not for a telemetry backlog and a commit of hundreds of rows. Each queue keeps
 /// its order; no job of one depends on a job of the other still queued (a session awaits
 /// the commits it builds on, such as its start and the requeue before its end).
@@ -230,9 +272,9 @@ impl Writer {
 
     /// Queues a job, waiting while the queue is full (this is the backpressure).
     pub async fn submit(&self, job: WriteJob) -> Result<(), StoreError> {
-        let queue = match job {
-            WriteJob::Command(..) => &self.commands,
-            _ => &self.tx,
+        let queue = match job.is_operators() {
+            true => &self.commands,
+            false => &self.tx,
         };
         queue.send(job).await.map_err(|_| StoreError::WriterGone)
     }
@@ -262,6 +304,20 @@ impl Writer {
     /// Applies a command change and waits for its commit.
     pub async fn command(&self, op: CommandOp) -> Result<CommandOutcome, StoreError> {
         committed(self.submit_command(op).await?.await)
+    }
+
+    /// Creates a device; the row once it is durable, or [`Taken`] if its id exists.
+    pub async fn create_device(
+        &self,
+        new: NewDevice,
+    ) -> Result<Result<DeviceRow, Taken>, StoreError> {
+        let (done, created) = oneshot::channel();
+        self.submit(WriteJob::CreateDevice(new, done)).await?;
+        match created.await {
+            Ok(Some(created)) => Ok(created),
+            Ok(None) => Err(StoreError::NotCommitted),
+            Err(_) => Err(StoreError::WriterGone),
+        }
     }
 }
 
@@ -313,9 +369,9 @@ impl Queues {
 
     /// The queue `job` came from.
     fn of(&mut self, job: &WriteJob) -> &mut mpsc::Receiver<WriteJob> {
-        match job {
-            WriteJob::Command(..) => &mut self.commands,
-            _ => &mut self.other,
+        match job.is_operators() {
+            true => &mut self.commands,
+            false => &mut self.other,
         }
     }
 }
@@ -364,7 +420,7 @@ async fn run(
         let Some(first) = first else { break };
         let mut rows = first.rows();
         // A batch takes from its first job's queue only.
-        let commands = matches!(first, WriteJob::Command(..));
+        let commands = first.is_operators();
         let mut receipts_only = first.is_receipt();
         let mut starts_only = first.is_start();
         let rx = queues.of(&first);
@@ -524,7 +580,7 @@ async fn run(
 /// A committed batch and what it waits for before its answers: the sync of its WAL
 /// (`wal`), unless it is durable already or failed (`None`).
 struct Unsynced {
-    answers: Vec<(WriteJob, Option<CommandOutcome>)>,
+    answers: Vec<(WriteJob, Option<Outcome>)>,
     rows: usize,
     started: Instant,
     wal: Option<Arc<WalSync>>,
@@ -650,18 +706,13 @@ fn sync_failed() {
     panic!("a WAL sync failed");
 }
 
-/// Each job with its outcome: command jobs take theirs in order (none if the commit failed).
-fn paired(
-    jobs: Vec<WriteJob>,
-    outcomes: Vec<CommandOutcome>,
-) -> Vec<(WriteJob, Option<CommandOutcome>)> {
+/// Each job with its outcome: operators' changes take theirs in order (none if the commit
+/// failed).
+fn paired(jobs: Vec<WriteJob>, outcomes: Vec<Outcome>) -> Vec<(WriteJob, Option<Outcome>)> {
     let mut outcomes = outcomes.into_iter();
     jobs.into_iter()
         .map(|job| {
-            let outcome = match job {
-                WriteJob::Command(..) => outcomes.next(),
-                _ => None,
-            };
+            let outcome = job.is_operators().then(|| outcomes.next()).flatten();
             (job, outcome)
         })
         .collect()
@@ -669,14 +720,12 @@ fn paired(
 
 /// Sends the early replies their outcomes, before the batch's sync; what is left for each
 /// is to learn whether the sync made its change durable.
-fn answer_early(
-    answers: Vec<(WriteJob, Option<CommandOutcome>)>,
-) -> Vec<(WriteJob, Option<CommandOutcome>)> {
+fn answer_early(answers: Vec<(WriteJob, Option<Outcome>)>) -> Vec<(WriteJob, Option<Outcome>)> {
     answers
         .into_iter()
         .map(|answer| match answer {
             (WriteJob::Command(op, Reply::Early(first, synced)), outcome) => {
-                let _ = first.send(outcome);
+                let _ = first.send(outcome.and_then(Outcome::command));
                 (WriteJob::Command(op, Reply::Durability(synced)), None)
             }
             other => other,
@@ -686,7 +735,7 @@ fn answer_early(
 
 /// Answers every job of a batch: `ok` once it is durable, or with a failure. Then publishes
 /// its telemetry events: live events never delay an ack.
-fn answer(answers: Vec<(WriteJob, Option<CommandOutcome>)>, ok: bool, events: &Events) {
+fn answer(answers: Vec<(WriteJob, Option<Outcome>)>, ok: bool, events: &Events) {
     let mut committed = Vec::new();
     for (job, outcome) in answers {
         // A receiver may be gone (its session ended); its device will resend.
@@ -702,11 +751,14 @@ fn answer(answers: Vec<(WriteJob, Option<CommandOutcome>)>, ok: bool, events: &E
                 let _ = done.send(ok);
             }
             WriteJob::Command(_, Reply::Durable(done)) => {
-                let _ = done.send(outcome);
+                let _ = done.send(outcome.and_then(Outcome::command));
             }
             WriteJob::Command(_, Reply::Early(first, synced)) => {
-                let _ = first.send(outcome);
+                let _ = first.send(outcome.and_then(Outcome::command));
                 let _ = synced.send(ok);
+            }
+            WriteJob::CreateDevice(_, done) => {
+                let _ = done.send(outcome.and_then(Outcome::created));
             }
             WriteJob::Command(_, Reply::Durability(synced)) => {
                 let _ = synced.send(ok);
@@ -838,7 +890,7 @@ fn rows(batch: &[WriteJob]) -> Vec<NewRow<'_>> {
         .collect()
 }
 
-/// Writes the batch in one transaction; the outcomes of its command jobs, in order.
+/// Writes the batch in one transaction; the outcomes of its operators' changes, in order.
 ///
 /// The statements run on the writer's own thread ([`WriteSession::transaction`]): a batch
 /// costs one round trip to SQLite's worker thread, not one per statement.
@@ -846,24 +898,23 @@ async fn commit(
     session: &mut WriteSession,
     batch: &[WriteJob],
     sync: bool,
-) -> Result<Vec<CommandOutcome>, StoreError> {
+) -> Result<Vec<Outcome>, StoreError> {
     let rows = rows(batch);
-    // Sessions and commands touch different rows; a session's end never shares a batch
-    // with its start, which it waits for.
-    let (mut starts, mut ends, mut ops) = (Vec::new(), Vec::new(), Vec::new());
+    // Sessions and operators' changes touch different rows; a session's end never shares a
+    // batch with its start, which it waits for.
+    let (mut starts, mut ends) = (Vec::new(), Vec::new());
     for job in batch {
         match job {
             WriteJob::SessionStart(s, _) => starts.push(s),
             WriteJob::SessionEnd(e, _) => ends.push(e),
-            WriteJob::Command(op, _) => ops.push(op),
-            WriteJob::Telemetry(_) => {}
+            _ => {}
         }
     }
     let work = |db: &rusqlite::Connection| {
         insert_rows(db, &rows)?;
-        let outcomes = ops
+        let outcomes = batch
             .iter()
-            .map(|op| op.apply(db))
+            .filter_map(|job| job.apply(db))
             .collect::<rusqlite::Result<Vec<_>>>()?;
         record_starts(db, &starts)?;
         record_ends(db, &ends)?;
@@ -1232,6 +1283,66 @@ mod tests {
         gate.open(false);
         assert!(rx2.await.unwrap(), "m2 acked after its sync");
         assert!(rx3.await.unwrap(), "m3 acked after its sync");
+        drop(writer);
+        task.await.unwrap();
+    }
+
+    /// Devices created while a commit syncs share the next commit and its sync; an id taken
+    /// among them is refused alone, and every device is answered only once durable.
+    #[tokio::test]
+    async fn devices_created_together_share_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, writer, task) = writer_on(
+            dir.path(),
+            crate::store::DEFAULT_WAL_MAX_BYTES,
+            Duration::from_secs(3600),
+        )
+        .await;
+        let create = |id: &str| {
+            let writer = writer.clone();
+            let new = NewDevice {
+                id: id.into(),
+                name: None,
+                metadata: "{}".into(),
+                token_hash: format!("hash of {id}").into_bytes(),
+                now: 1,
+            };
+            tokio::spawn(async move { writer.create_device(new).await.unwrap() })
+        };
+        // The writer's first commit also sets its connection up: out of the way first.
+        assert!(create("d0").await.unwrap().is_ok());
+        let gate = SyncGate::close(&dir.path().join("t.db-wal"));
+        let first = create("a");
+        until("a committed and its sync started", || async {
+            gate.arrived() == 1
+        })
+        .await;
+        let (b, taken, c) = (create("b"), create("a"), create("c"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished(), "a answered before its sync");
+        assert!(
+            store.get_device("b").await.unwrap().is_none(),
+            "b committed during a's sync"
+        );
+        gate.open(false);
+        let a = first.await.unwrap().expect("a created");
+        assert_eq!(taken.await.unwrap().unwrap_err(), Taken, "a second a");
+        let (b, c) = (b.await.unwrap().unwrap(), c.await.unwrap().unwrap());
+        assert_eq!(
+            (a.id.as_str(), b.id.as_str(), c.id.as_str()),
+            ("a", "b", "c")
+        );
+        assert_eq!(gate.arrived(), 2, "b, the second a and c shared one commit");
+        let stored = store.get_device("b").await.unwrap().expect("b stored");
+        assert_eq!(
+            (stored.pk, stored.enabled, stored.created_at),
+            (b.pk, true, 1)
+        );
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM devices")
+            .fetch_one(&store.read)
+            .await
+            .unwrap();
+        assert_eq!(count, 4, "d0, a, b and c");
         drop(writer);
         task.await.unwrap();
     }
