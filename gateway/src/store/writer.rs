@@ -986,6 +986,17 @@ mod tests {
         (store, writer, task)
     }
 
+    /// A store in `dir` with the default WAL limit, and its writer, which never truncates
+    /// the WAL for being idle.
+    async fn writer_in(dir: &std::path::Path) -> (Store, Writer, WriterTask) {
+        writer_on(
+            dir,
+            crate::store::DEFAULT_WAL_MAX_BYTES,
+            Duration::from_secs(3600),
+        )
+        .await
+    }
+
     /// A writer for `store`, in batches of up to 100 rows, truncating the WAL after
     /// `idle_checkpoint` without work.
     fn spawn_writer(store: &Store, idle_checkpoint: Duration) -> (Writer, WriterTask) {
@@ -1130,12 +1141,7 @@ mod tests {
     #[tokio::test]
     async fn the_writer_hands_the_write_connection_to_another_writer() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, writer, task) = writer_on(
-            dir.path(),
-            crate::store::DEFAULT_WAL_MAX_BYTES,
-            Duration::from_secs(3600),
-        )
-        .await;
+        let (store, writer, task) = writer_in(dir.path()).await;
         let (j, rx) = job(1, "m0", &[(None, "{}")]);
         writer.submit(j).await.unwrap();
         assert!(rx.await.unwrap());
@@ -1292,12 +1298,7 @@ mod tests {
     #[tokio::test]
     async fn devices_created_together_share_a_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, writer, task) = writer_on(
-            dir.path(),
-            crate::store::DEFAULT_WAL_MAX_BYTES,
-            Duration::from_secs(3600),
-        )
-        .await;
+        let (store, writer, task) = writer_in(dir.path()).await;
         let create = |id: &str| {
             let writer = writer.clone();
             let new = NewDevice {
