@@ -1,4 +1,5 @@
-//! The batching writer (group commit): the only task that writes telemetry, presence and commands.
+//! The batching writer (group commit): the only task that writes telemetry, presence, commands
+//! and new devices.
 //!
 //! Sessions hand it jobs over a bounded channel. It takes every job that is
 //! waiting (up to `max_rows` telemetry rows, optionally waiting `max_delay` for
@@ -98,9 +99,13 @@ impl WriteJob {
     }
 
     /// An operator's change (a command's or a device's), served before telemetry and
-    /// sessions; each has an outcome to return.
+    /// sessions. Exactly these jobs have an outcome ([`WriteJob::apply`]), which [`paired`]
+    /// relies on: both list every variant.
     fn is_operators(&self) -> bool {
-        matches!(self, WriteJob::Command(..) | WriteJob::CreateDevice(..))
+        match self {
+            WriteJob::Command(..) | WriteJob::CreateDevice(..) => true,
+            WriteJob::Telemetry(_) | WriteJob::SessionStart(..) | WriteJob::SessionEnd(..) => false,
+        }
     }
 
     /// Applies an operator's change in the writer's transaction (`None` for other jobs).
@@ -108,7 +113,7 @@ impl WriteJob {
         match self {
             WriteJob::Command(op, _) => Some(op.apply(db).map(Outcome::Command)),
             WriteJob::CreateDevice(new, _) => Some(new.insert(db).map(Outcome::Created)),
-            _ => None,
+            WriteJob::Telemetry(_) | WriteJob::SessionStart(..) | WriteJob::SessionEnd(..) => None,
         }
     }
 }
@@ -213,8 +218,8 @@ pub struct WriterConfig {
 /// The sending side, cloned into every session.
 ///
 /// Operators' changes (commands, devices created) have a queue of their own that the writer
-/// serves first, in batches of their own: an operator's command then waits for the commit in progress and one small
-/// commit, not for a telemetry backlog and a commit of hundreds of rows. Each queue keeps
+/// serves first, in batches of their own: an operator's command then waits for the commit in
+/// progress and one small commit, not for a telemetry backlog and a commit of hundreds of rows. Each queue keeps
 /// its order; no job of one depends on a job of the other still queued (a session awaits
 /// the commits it builds on, such as its start and the requeue before its end).
 #[derive(Debug, Clone)]
@@ -420,7 +425,7 @@ async fn run(
         let Some(first) = first else { break };
         let mut rows = first.rows();
         // A batch takes from its first job's queue only.
-        let commands = first.is_operators();
+        let operators = first.is_operators();
         let mut receipts_only = first.is_receipt();
         let mut starts_only = first.is_start();
         let rx = queues.of(&first);
@@ -434,9 +439,9 @@ async fn run(
         while rows < config.max_rows {
             // Telemetry may wait for company up to the configured delay; a batch of command
             // receipts waits up to RECEIPT_DELAY for the result that tends to follow, and a
-            // batch of session starts up to START_DELAY for more; other command changes
+            // batch of session starts up to START_DELAY for more; other operators' changes
             // never wait.
-            let wait_until = if commands {
+            let wait_until = if operators {
                 receipts_only.then_some(receipts_until)
             } else if starts_only {
                 Some(starts_until)
@@ -463,8 +468,8 @@ async fn run(
         // is done, a batch of telemetry or sessions keeps gathering instead of committing.
         // Committed sooner it would be acked no sooner (the next sync starts when this one
         // ends, and covers whatever waits then), only in more, smaller commits, each of
-        // which rewrites the index pages it touches. Command changes never wait.
-        while !commands && rows < config.max_rows {
+        // which rewrites the index pages it touches. Operators' changes never wait.
+        while !operators && rows < config.max_rows {
             let synced = syncer.synced.notified();
             tokio::pin!(synced);
             synced.as_mut().enable();
