@@ -219,9 +219,9 @@ pub struct WriterConfig {
 ///
 /// Operators' changes (commands, devices created) have a queue of their own that the writer
 /// serves first, in batches of their own: an operator's command then waits for the commit in
-/// progress and one small commit, not for a telemetry backlog and a commit of hundreds of rows. Each queue keeps
-/// its order; no job of one depends on a job of the other still queued (a session awaits
-/// the commits it builds on, such as its start and the requeue before its end).
+/// progress and one small commit, not for a telemetry backlog and a commit of hundreds of rows.
+/// Each queue keeps its order; no job of one depends on a job of the other still queued (a
+/// session awaits the commits it builds on, such as its start and the requeue before its end).
 #[derive(Debug, Clone)]
 pub struct Writer {
     tx: mpsc::Sender<WriteJob>,
