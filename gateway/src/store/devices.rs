@@ -109,8 +109,9 @@ const COLUMNS: &str = "pk, id, name, metadata, enabled, created_at, last_connect
      last_disconnected_at, last_seen_at, last_disconnect_reason";
 
 impl Store {
-    /// Inserts a device outside the batching writer (the gateway creates devices through
-    /// it: [`super::writer::Writer::create_device`]); `Conflict` when the id is taken.
+    /// Inserts a device outside the batching writer, for the tests' set-up (the gateway
+    /// creates devices through it: [`super::writer::Writer::create_device`]). Panics if the
+    /// id is taken.
     #[cfg(test)]
     pub async fn create_device(
         &self,
@@ -127,9 +128,8 @@ impl Store {
             token_hash: token_hash.into(),
             now,
         };
-        self.write_sync(|db| new.insert(db))
-            .await?
-            .map_err(|Taken| StoreError::Conflict)
+        let inserted = self.write_sync(|db| new.insert(db)).await?;
+        Ok(inserted.unwrap_or_else(|Taken| panic!("device `{id}` exists already")))
     }
 
     /// One device by id.

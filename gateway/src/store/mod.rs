@@ -46,8 +46,6 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the row already exists")]
-    Conflict,
     #[error("the telemetry writer has stopped")]
     WriterGone,
     #[error("the batch holding this change failed to commit")]
