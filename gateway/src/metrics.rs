@@ -33,6 +33,22 @@ pub struct CommandStatus {
     pub status: &'static str,
 }
 
+/// Labels of an operator API request: its method, its route as declared (`/v1/devices/{id}`,
+/// so that ids do not make new series) and its status class (`2xx` ... `5xx`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiRequest {
+    pub method: &'static str,
+    pub route: String,
+    pub status: &'static str,
+}
+
+/// How a histogram of seconds is made: 0.1 ms doubling to 3.3 s.
+type SecondsHistogram = fn() -> Histogram;
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     pub connections: Gauge,
@@ -52,6 +68,7 @@ pub struct Metrics {
     pub wal_checkpoint_tails: Counter,
     pub commands: Family<CommandStatus, Counter>,
     pub sse_clients: Gauge,
+    pub api_request_seconds: Family<ApiRequest, Histogram, SecondsHistogram>,
     registry: Registry,
 }
 
@@ -70,13 +87,15 @@ impl Metrics {
         let rejections = Family::<Reason, Counter>::default();
         let disconnects = Family::<Reason, Counter>::default();
         let batch_rows = Histogram::new(exponential_buckets(1.0, 4.0, 8));
-        let commit_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let commit_seconds = seconds_histogram();
         let commit_failures = Counter::default();
         let wal_bytes = Gauge::default();
         let wal_checkpoint_passes = Counter::default();
         let wal_checkpoint_tails = Counter::default();
         let commands = Family::<CommandStatus, Counter>::default();
         let sse_clients = Gauge::default();
+        let api_request_seconds =
+            Family::new_with_constructor(seconds_histogram as SecondsHistogram);
         let mut r = Registry::with_prefix("gateway");
         r.register(
             "connections",
@@ -153,6 +172,11 @@ impl Metrics {
             "Live event streams open now",
             sse_clients.clone(),
         );
+        r.register(
+            "api_request_seconds",
+            "Operator API requests under /v1, from the request to its response's head (a command's wait_s included), by method, route and status class",
+            api_request_seconds.clone(),
+        );
         Metrics {
             connections,
             accept_failures,
@@ -170,6 +194,7 @@ impl Metrics {
             wal_checkpoint_tails,
             commands,
             sse_clients,
+            api_request_seconds,
             registry: r,
         }
     }

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
@@ -164,6 +164,49 @@ async fn require_api_key(State(state): State<ApiState>, req: Request, next: Next
     }
 }
 
+/// Times each request to a route under `/v1` into `gateway_api_request_seconds`: from the
+/// request's arrival here to its response's head (an event stream's body is not included).
+async fn observe(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = method_label(req.method());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let response = next.run(req).await;
+    if let Some(route) = route {
+        let status = match response.status().as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        };
+        crate::metrics::METRICS
+            .api_request_seconds
+            .get_or_create(&crate::metrics::ApiRequest {
+                method,
+                route,
+                status,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// A method as a label value; the API serves only these.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::not_found("no such route")
 }
@@ -193,6 +236,7 @@ pub fn router_and_document(state: ApiState) -> (Router, utoipa::openapi::OpenApi
     let v1 = OpenApiRouter::new()
         .routes(routes!(openapi::document))
         .merge(protected)
+        .route_layer(middleware::from_fn(observe))
         .fallback(not_found);
     let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(health::healthz))
@@ -290,4 +334,76 @@ pub(crate) async fn test_state(dir: &std::path::Path) -> (ApiState, crate::store
         },
     };
     (state, writer)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// `gateway_api_request_seconds_count` for one series, 0 before its first request.
+    fn requests(method: &str, route: &str, status: &str) -> u64 {
+        let series = format!(
+            "gateway_api_request_seconds_count{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} "
+        );
+        let text = crate::metrics::METRICS.render();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    async fn call(router: &Router, method: Method, uri: &str, key: &str, body: &str) -> StatusCode {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        router.clone().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn api_requests_are_timed_by_route_as_declared_and_status_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _writer) = test_state(dir.path()).await;
+        let router = router(state);
+        let created = requests("POST", "/v1/devices", "2xx");
+        let missing = requests("GET", "/v1/devices/{id}", "4xx");
+        let refused = requests("GET", "/v1/devices", "4xx");
+
+        let body = r#"{"id":"timed-device-1"}"#;
+        assert_eq!(
+            call(&router, Method::POST, "/v1/devices", "k", body).await,
+            StatusCode::CREATED
+        );
+        let uri = "/v1/devices/timed-device-2";
+        assert_eq!(
+            call(&router, Method::GET, uri, "k", "").await,
+            StatusCode::NOT_FOUND
+        );
+        // A wrong key is answered by the route's auth, and timed under the route.
+        assert_eq!(
+            call(&router, Method::GET, "/v1/devices", "wrong", "").await,
+            StatusCode::UNAUTHORIZED
+        );
+        // No route: not an API request of any route, so no series (ids would make new ones).
+        assert_eq!(
+            call(&router, Method::GET, "/v1/nope/timed", "k", "").await,
+            StatusCode::NOT_FOUND
+        );
+
+        // Other tests run in this process too: counts only grow.
+        assert!(requests("POST", "/v1/devices", "2xx") > created);
+        assert!(requests("GET", "/v1/devices/{id}", "4xx") > missing);
+        assert!(requests("GET", "/v1/devices", "4xx") > refused);
+        let text = crate::metrics::METRICS.render();
+        assert!(!text.contains("timed-device"), "an id made a series");
+        assert!(!text.contains("/v1/nope"), "an unrouted path made a series");
+        assert!(
+            text.contains("# TYPE gateway_api_request_seconds histogram"),
+            "{text}"
+        );
+    }
 }
