@@ -411,6 +411,8 @@ commands() {
     R[$name.gw_p99.$sys]=$(json_field "$out.json" gateway_p99_ms)
     R[$name.p50.$sys]=$(json_field "$out.json" p50_ms)
     R[$name.p99.$sys]=$(json_field "$out.json" p99_ms)
+    R[$name.mean.$sys]=$(json_field "$out.json" mean_ms)
+    R[$name.api_mean.$sys]=$(json_field "$out.json" gateway_api_mean_ms || true) # null from node
     R[$name.errors.$sys]=$(json_field "$out.json" errors)
     R[$name.bg.$sys]=$(grep -oE '"background":\{[^}]*\}' "$out.json" | grep -oE '"msgs_per_sec":[0-9.]+' | cut -d: -f2 || true)
     log "commands $key: p50 ${R[$name.p50.$sys]} ms, p99 ${R[$name.p99.$sys]} ms, errors ${R[$name.errors.$sys]}, background ${R[$name.bg.$sys]:--} msgs/s"
@@ -642,6 +644,10 @@ if has "$SCENARIOS" commands; then
         [[ $k == cmd_bg ]] && label="commands + ${BG_TOTAL} msgs/s telemetry"
         line3 "$label: p50 ms" "$k.p50"
         line3 "$label: p99 ms" "$k.p99"
+        line3 "$label: mean ms" "$k.mean"
+        # The gateway's own gateway_api_request_seconds for these POSTs, read by the client
+        # before and after: from the request's arrival to its response's head (node has none).
+        line3 "$label: server API mean ms" "$k.api_mean"
         line3 "$label: errors" "$k.errors"
         [[ $k == cmd_bg ]] && line3 "$label: bg acked msgs/s" "$k.bg"
         # The server's created_at -> completed_at (millisecond timestamps): the part of the

@@ -123,6 +123,17 @@ impl Api {
         self.call(request).await
     }
 
+    /// The server's Prometheus text at `/metrics`, beside the API's `/v1` (no auth).
+    pub async fn metrics_text(&self) -> Result<String, ApiError> {
+        let root = self.base.strip_suffix("/v1").unwrap_or(&self.base);
+        let response = self.client.get(format!("{root}/metrics")).send().await?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(ApiError::BadBody(format!("/metrics answered {status}")));
+        }
+        Ok(response.text().await?)
+    }
+
     /// `POST {base}{path}` with a JSON body: the status and the JSON body.
     pub async fn post(
         &self,

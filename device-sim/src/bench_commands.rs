@@ -173,9 +173,11 @@ pub async fn measure(common: &Common, args: &BenchCommandsArgs) -> Result<Report
     if let Some(background) = &mut background {
         background.mark();
     }
+    let api_before = command_posts(&operators.api).await;
     let measuring = Instant::now();
     let measured = operators.run(args.commands, &label("")).await?;
     let elapsed = measuring.elapsed();
+    let api_after = command_posts(&operators.api).await;
     let background_report = match background {
         Some(background) => Some(background.stop(elapsed).await),
         None => None,
@@ -194,7 +196,45 @@ pub async fn measure(common: &Common, args: &BenchCommandsArgs) -> Result<Report
         command_errors: command_errors.snapshot(),
         device_errors: device_errors.snapshot(),
         background: background_report,
+        gateway_api_mean_ms: api_before
+            .zip(api_after)
+            .and_then(|(before, after)| after.mean_ms_since(before)),
     })
+}
+
+/// The gateway's `gateway_api_request_seconds` for command `POST`s answered 2xx.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ApiSeconds {
+    sum: f64,
+    count: u64,
+}
+
+impl ApiSeconds {
+    /// The series in a Prometheus text; `None` if it is not there (another server, or none
+    /// answered yet).
+    pub fn parse(text: &str) -> Option<ApiSeconds> {
+        const LABELS: &str = r#"{method="POST",route="/v1/devices/{id}/commands",status="2xx"} "#;
+        let value = |name: &str| {
+            let prefix = format!("gateway_api_request_seconds_{name}{LABELS}");
+            text.lines()
+                .find_map(|line| line.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+        };
+        Some(ApiSeconds {
+            sum: value("sum")?,
+            count: value("count")? as u64,
+        })
+    }
+
+    /// The mean in milliseconds of the requests answered since `before`.
+    pub fn mean_ms_since(self, before: ApiSeconds) -> Option<f64> {
+        let count = self.count.checked_sub(before.count).filter(|n| *n > 0)?;
+        Some((self.sum - before.sum) / count as f64 * 1000.0)
+    }
+}
+
+/// The command `POST`s' time in the gateway so far, if it says.
+async fn command_posts(api: &Api) -> Option<ApiSeconds> {
+    ApiSeconds::parse(&api.metrics_text().await.ok()?)
 }
 
 /// The background telemetry of one benchmark run.

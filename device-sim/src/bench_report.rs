@@ -36,6 +36,9 @@ pub struct Report {
     /// Connection failures and `error` messages of the devices and the background load.
     pub device_errors: BTreeMap<String, u64>,
     pub background: Option<Background>,
+    /// The gateway's own mean time for these `POST`s, from its `gateway_api_request_seconds`
+    /// (read before and after the measurement); `None` from a server without that metric.
+    pub gateway_api_mean_ms: Option<f64>,
 }
 
 /// p50, p90, p99 and max of a histogram of values in `unit_us` microseconds, in milliseconds
@@ -74,6 +77,7 @@ impl Report {
     pub fn json(&self) -> Value {
         let [p50, p90, p99, max] = quantiles_ms(&self.measured.round_trip_us, 1);
         let [gw50, gw90, gw99, gwmax] = quantiles_ms(&self.measured.gateway_ms, 1000);
+        let mean = self.measured.round_trip_us.mean() / 1000.0;
         let background = self.background.as_ref().map(|b| {
             json!({"devices": b.devices, "connected": b.connected, "pace": b.pace,
                    "acked": b.acked, "msgs_per_sec": round1(b.msgs_per_sec)})
@@ -88,6 +92,8 @@ impl Report {
             "elapsed_s": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             "commands_per_sec": self.commands_per_sec(),
             "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "max_ms": max,
+            "mean_ms": (mean * 1000.0).round() / 1000.0,
+            "gateway_api_mean_ms": self.gateway_api_mean_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
             "gateway_p50_ms": gw50, "gateway_p90_ms": gw90, "gateway_p99_ms": gw99, "gateway_max_ms": gwmax,
             "errors": self.errors(),
             "command_errors": self.command_errors,
@@ -110,6 +116,12 @@ impl Report {
         out += &format!(
             "gateway      p50 {gw50:.3} ms  p90 {gw90:.3} ms  p99 {gw99:.3} ms  max {gwmax:.3} ms  (created_at -> completed_at)\n"
         );
+        if let Some(api) = self.gateway_api_mean_ms {
+            out += &format!(
+                "mean         {:.3} ms round trip, {api:.3} ms in the gateway's API (request -> response head)\n",
+                self.measured.round_trip_us.mean() / 1000.0
+            );
+        }
         out += &format!(
             "throughput   {} succeeded in {:.3} s: {:.1} commands/s\n",
             self.measured.succeeded,
@@ -162,6 +174,7 @@ mod tests {
             command_errors: BTreeMap::new(),
             device_errors: BTreeMap::new(),
             background: None,
+            gateway_api_mean_ms: None,
         }
     }
 
@@ -178,6 +191,16 @@ mod tests {
         assert_eq!(json["gateway_max_ms"], 25.0);
         assert_eq!(json["errors"], 0);
         assert_eq!(json["background"], Value::Null);
+        assert_eq!(json["mean_ms"], 0.505);
+        assert_eq!(json["gateway_api_mean_ms"], Value::Null);
+        let mut report = report();
+        report.gateway_api_mean_ms = Some(0.4214);
+        assert_eq!(report.json()["gateway_api_mean_ms"], 0.421);
+        let table = report.table();
+        assert!(
+            table.contains("mean         0.505 ms round trip, 0.421 ms in the gateway's API"),
+            "{table}"
+        );
     }
 
     #[test]

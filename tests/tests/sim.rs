@@ -686,6 +686,37 @@ async fn bench_spreads_a_fleet_over_processes_and_adds_up_their_measurements() {
 }
 
 #[tokio::test]
+async fn bench_commands_reports_the_round_trip_and_the_gateways_own_part_of_it() {
+    let gw = Gateway::start(Options::new()).await;
+    let out = Sim::against(&gw)
+        .args(["--provision", "bench-commands", "--devices", "4"])
+        .args([
+            "--commands",
+            "40",
+            "--concurrency",
+            "1",
+            "--wait-s",
+            "5",
+            "--json",
+        ])
+        .spawn()
+        .wait()
+        .await;
+    let results = out.summary();
+    assert_eq!(count(&results, "succeeded"), 40, "{results}");
+    assert_eq!(count(&results, "errors"), 0, "{results}");
+    let (p50, mean) = (results["p50_ms"].as_f64(), results["mean_ms"].as_f64());
+    let api = results["gateway_api_mean_ms"].as_f64();
+    // The gateway times each request from its arrival to its response's head, which the
+    // client's round trip holds: so its mean is above zero and at most the client's.
+    assert!(
+        matches!((p50, mean, api), (Some(p50), Some(mean), Some(api))
+            if 0.0 < p50 && 0.0 < api && api <= mean),
+        "{results}"
+    );
+}
+
+#[tokio::test]
 async fn run_spreads_a_fleet_over_processes_and_adds_up_their_figures() {
     const DEVICES: usize = 30;
     let gw = Gateway::start(Options::new()).await;

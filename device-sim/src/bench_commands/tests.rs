@@ -182,3 +182,23 @@ fn the_gateway_time_comes_from_the_command_timestamps() {
         None
     );
 }
+
+#[test]
+fn the_gateways_own_time_is_read_from_its_metrics() {
+    let text = |sum: &str, count: u64| {
+        format!(
+            "# TYPE gateway_api_request_seconds histogram\n\
+             gateway_api_request_seconds_sum{{method=\"GET\",route=\"/v1/devices\",status=\"2xx\"}} 9.0\n\
+             gateway_api_request_seconds_count{{method=\"GET\",route=\"/v1/devices\",status=\"2xx\"}} 3\n\
+             gateway_api_request_seconds_sum{{method=\"POST\",route=\"/v1/devices/{{id}}/commands\",status=\"2xx\"}} {sum}\n\
+             gateway_api_request_seconds_count{{method=\"POST\",route=\"/v1/devices/{{id}}/commands\",status=\"2xx\"}} {count}\n"
+        )
+    };
+    let before = ApiSeconds::parse(&text("0.5", 100)).unwrap();
+    let after = ApiSeconds::parse(&text("2.5", 1100)).unwrap();
+    let mean = after.mean_ms_since(before).unwrap();
+    assert!((mean - 2.0).abs() < 1e-9, "{mean}");
+    // Nothing answered in between, or a server without the series: no figure.
+    assert_eq!(after.mean_ms_since(after), None);
+    assert_eq!(ApiSeconds::parse("gateway_connections 3\n"), None);
+}
