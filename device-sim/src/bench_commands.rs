@@ -121,6 +121,13 @@ pub async fn measure(common: &Common, args: &BenchCommandsArgs) -> Result<Report
     let timeout = Duration::from_secs(args.wait_s + 15);
     let api = Arc::new(Api::with_limits(
         &common.api_url,
+        key.clone(),
+        timeout,
+        concurrency,
+    )?);
+    // The operators' own client: its connections are made, and driven, on their thread.
+    let operators_api = Arc::new(Api::with_limits(
+        &common.api_url,
         key,
         timeout,
         concurrency,
@@ -160,24 +167,29 @@ pub async fn measure(common: &Common, args: &BenchCommandsArgs) -> Result<Report
 
     let command_errors = Arc::new(ErrorTally::default());
     let operators = Operators {
-        api,
+        api: operators_api,
         ids,
         concurrency,
         wait_s: args.wait_s,
     };
+    let apart = Apart::start()?;
     let label = |label| Errors {
         tally: command_errors.clone(),
         label,
     };
-    operators.run(warmup, &label("warm-up: ")).await?;
+    let run = |commands, errors: Errors| {
+        let operators = operators.clone();
+        apart.run(async move { operators.run(commands, &errors).await })
+    };
+    run(warmup, label("warm-up: ")).await??;
     if let Some(background) = &mut background {
         background.mark();
     }
-    let api_before = command_posts(&operators.api).await;
+    let api_before = command_posts(&api).await;
     let measuring = Instant::now();
-    let measured = operators.run(args.commands, &label("")).await?;
+    let measured = run(args.commands, label("")).await??;
     let elapsed = measuring.elapsed();
-    let api_after = command_posts(&operators.api).await;
+    let api_after = command_posts(&api).await;
     let background_report = match background {
         Some(background) => Some(background.stop(elapsed).await),
         None => None,
@@ -387,6 +399,62 @@ pub fn indices(operator: usize, operators: usize, commands: usize) -> impl Itera
 }
 
 /// Operators sending commands to devices, each waiting for its answer before the next.
+/// A single-threaded runtime on a thread of its own, where the operators send their commands
+/// and read the answers: the simulated devices (the ones that answer, and the background) run
+/// on the process's other runtime, so the client being timed does not wait behind them for a
+/// turn, as an operator's client on another machine would not.
+pub(crate) struct Apart {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Apart {
+    pub(crate) fn start() -> Result<Apart> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("the operators' runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("operators".into())
+            // Drives the tasks spawned through `handle` until told to stop.
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })
+            .context("the operators' thread")?;
+        Ok(Apart {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `task` to its end on the operators' thread.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        task: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        self.handle
+            .spawn(task)
+            .await
+            .context("the operators' thread failed")
+    }
+}
+
+impl Drop for Apart {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[derive(Clone)]
 struct Operators {
     api: Arc<Api>,
     ids: Arc<[String]>,

@@ -202,3 +202,30 @@ fn the_gateways_own_time_is_read_from_its_metrics() {
     assert_eq!(after.mean_ms_since(after), None);
     assert_eq!(ApiSeconds::parse("gateway_connections 3\n"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_run_on_a_thread_of_their_own_which_stops_with_them() {
+    let apart = Apart::start().unwrap();
+    let here = std::thread::current().id();
+    let (name, id) = apart
+        .run(async {
+            // A task spawned from there stays there too (the operators' JoinSet).
+            tokio::spawn(async {
+                let thread = std::thread::current();
+                (thread.name().map(str::to_owned), thread.id())
+            })
+            .await
+            .unwrap()
+        })
+        .await
+        .unwrap();
+    assert_eq!(name.as_deref(), Some("operators"));
+    assert_ne!(id, here);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(apart);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("dropping it stops and joins its thread");
+}
