@@ -398,7 +398,6 @@ pub fn indices(operator: usize, operators: usize, commands: usize) -> impl Itera
     (operator..commands).step_by(operators.max(1))
 }
 
-/// Operators sending commands to devices, each waiting for its answer before the next.
 /// A single-threaded runtime on a thread of its own, where the operators send their commands
 /// and read the answers: the simulated devices (the ones that answer, and the background) run
 /// on the process's other runtime, so the client being timed does not wait behind them for a
@@ -444,6 +443,8 @@ impl Apart {
 }
 
 impl Drop for Apart {
+    /// Stops the thread and waits for it: it ends at once (its runtime, dropped there, closes
+    /// the operators' connections), so the wait is short even on an async thread.
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -454,6 +455,7 @@ impl Drop for Apart {
     }
 }
 
+/// Operators sending commands to devices, each waiting for its answer before the next.
 #[derive(Clone)]
 struct Operators {
     api: Arc<Api>,
