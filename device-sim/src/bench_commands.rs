@@ -119,19 +119,11 @@ pub async fn measure(common: &Common, args: &BenchCommandsArgs) -> Result<Report
         .context("bench-commands needs the operator API key (--api-key or GATEWAY_API_KEY)")?;
     // The request may wait `wait_s` at the gateway; the client allows for more than that.
     let timeout = Duration::from_secs(args.wait_s + 15);
-    let api = Arc::new(Api::with_limits(
-        &common.api_url,
-        key.clone(),
-        timeout,
-        concurrency,
-    )?);
+    let new_api =
+        || Api::with_limits(&common.api_url, key.clone(), timeout, concurrency).map(Arc::new);
+    let api = new_api()?;
     // The operators' own client: its connections are made, and driven, on their thread.
-    let operators_api = Arc::new(Api::with_limits(
-        &common.api_url,
-        key,
-        timeout,
-        concurrency,
-    )?);
+    let operators_api = new_api()?;
 
     // Devices missing from the tokens file are created: the API key is needed anyway.
     let creds = fleet::credentials(common, args.devices, true).await?;
